@@ -1,0 +1,204 @@
+"""Declarative HF <-> jaxdpo weight mapping, shared by every family.
+
+A family describes its checkpoint as a list of `Rule`s: a regex over the *canonical* HF key
+(after the family's key normaliser has folded legacy layouts into one) and a template for the
+jaxdpo parameter path, plus the transform each way (transpose / reshape). Conversion streams
+one safetensors shard at a time, checks every shape against the abstract model, and fails
+with the full list of unconsumed, missing and mis-shaped keys before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+class ConversionError(ValueError):
+  """Raised when a checkpoint does not match the model it is converted to."""
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+  return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One HF tensor family <-> one jaxdpo parameter family.
+
+  Attributes:
+    hf: regex (full match) over canonical HF keys; groups are substituted into `jax`.
+    jax: dotted jaxdpo parameter path with `{0}`, `{1}` placeholders for the regex groups.
+    to_jax: HF array -> jaxdpo array (e.g. transpose + reshape of a Linear weight).
+    to_hf: the inverse.
+  """
+
+  hf: str
+  jax: str
+  to_jax: Transform = identity
+  to_hf: Transform = identity
+
+  def match(self, key: str):
+    return re.fullmatch(self.hf, key)
+
+  def hf_key(self, groups: tuple[str, ...]) -> str:
+    """Rebuilds the canonical HF key from the groups of a jax path match."""
+    out, gi = [], 0
+    pattern = self.hf.replace("\\.", ".")
+    for piece in re.split(r"(\([^)]*\))", pattern):
+      if piece.startswith("("):
+        out.append(groups[gi])
+        gi += 1
+      else:
+        out.append(piece)
+    return "".join(out)
+
+  def jax_regex(self) -> str:
+    # The jax template's placeholders become digit groups (layer indices).
+    parts = re.split(r"(\{\d+\})", self.jax)
+    return "".join(r"(\d+)" if re.fullmatch(r"\{\d+\}", p) else re.escape(p) for p in parts)
+
+
+def linear_in(*out_shape: int) -> tuple[Transform, Transform]:
+  """torch Linear weight [out, in] <-> jax kernel [in, *out_shape]."""
+  def to_jax(w):
+    return np.ascontiguousarray(w.T).reshape((w.shape[1],) + tuple(out_shape))
+  def to_hf(k):
+    return np.ascontiguousarray(k.reshape(k.shape[0], -1).T)
+  return to_jax, to_hf
+
+
+def linear_out(*in_shape: int) -> tuple[Transform, Transform]:
+  """torch Linear weight [out, in] <-> jax kernel [*in_shape, out] (e.g. o_proj -> [N, H, D])."""
+  def to_jax(w):
+    return np.ascontiguousarray(w.T).reshape(tuple(in_shape) + (w.shape[0],))
+  def to_hf(k):
+    return np.ascontiguousarray(k.reshape(-1, k.shape[-1]).T)
+  return to_jax, to_hf
+
+
+def reshape(*shape: int) -> tuple[Transform, Transform]:
+  """A pure reshape (biases of multi-head projections)."""
+  def to_jax(b):
+    return b.reshape(shape)
+  def to_hf(b):
+    return b.reshape(-1)
+  return to_jax, to_hf
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading HF checkpoints
+
+
+def list_shards(hf_dir: str) -> list[str]:
+  """Safetensors files of an HF checkpoint directory, one file or sharded with an index."""
+  index = os.path.join(hf_dir, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    return [os.path.join(hf_dir, name) for name in sorted(set(weight_map.values()))]
+  single = os.path.join(hf_dir, "model.safetensors")
+  if os.path.exists(single):
+    return [single]
+  raise ConversionError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def iter_hf_tensors(hf_dir: str) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (key, numpy array) one shard at a time, so peak memory is about one shard."""
+  from safetensors import safe_open  # local import: only conversion needs it
+
+  for path in list_shards(hf_dir):
+    try:
+      with safe_open(path, framework="numpy") as f:
+        for key in f.keys():
+          yield key, f.get_tensor(key)
+    except ConversionError:
+      raise
+    except Exception as e:  # safetensors raises several types for truncated/corrupt files
+      raise ConversionError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from e
+
+
+def hf_to_jax(tensors: Iterator[tuple[str, np.ndarray]], rules: list[Rule], expected: dict[str, tuple],
+              normalize_key: Callable[[str], str | None], *, dtype=None,
+              place: Callable[[str, np.ndarray], object] | None = None) -> dict[str, object]:
+  """Maps HF tensors onto jaxdpo parameter paths.
+
+  Args:
+    tensors: (hf_key, array) stream.
+    rules: the family's table.
+    expected: jax path -> shape of every parameter of the target model.
+    normalize_key: maps an HF key to its canonical form, or None to ignore it explicitly
+      (e.g. rotary caches or a tied lm_head duplicate).
+    dtype: optional numpy dtype to cast to; default keeps the checkpoint dtype.
+    place: optional callback (path, array) -> device array, e.g. `jax.device_put` into a
+      target sharding, called as each tensor arrives.
+
+  Returns:
+    flat dict jax path -> array.
+
+  Raises:
+    ConversionError: listing every unconsumed, missing and mis-shaped key.
+  """
+  out: dict[str, object] = {}
+  unconsumed, misshaped = [], []
+  for key, value in tensors:
+    canon = normalize_key(key)
+    if canon is None:
+      continue
+    for rule in rules:
+      m = rule.match(canon)
+      if m is None:
+        continue
+      path = rule.jax.format(*m.groups())
+      if path not in expected:
+        unconsumed.append(f"{key} (-> {path}, which the model does not have)")
+        break
+      try:
+        arr = rule.to_jax(value)
+      except ValueError as e:
+        misshaped.append(f"{key}: {value.shape} cannot map to {path} {expected[path]} ({e})")
+        break
+      if tuple(arr.shape) != tuple(expected[path]):
+        misshaped.append(f"{key}: shape {tuple(value.shape)} -> {tuple(arr.shape)}, model expects "
+                         f"{tuple(expected[path])} at {path}")
+        break
+      if dtype is not None:
+        arr = arr.astype(dtype)
+      out[path] = place(path, arr) if place is not None else arr
+      break
+    else:
+      unconsumed.append(key)
+  missing = sorted(set(expected) - set(out))
+  if unconsumed or missing or misshaped:
+    lines = []
+    for title, items in (("unconsumed HF keys", unconsumed), ("missing model parameters", missing),
+                         ("shape mismatches", misshaped)):
+      if items:
+        lines.append(f"{title} ({len(items)}):")
+        lines.extend(f"  {x}" for x in items[:50])
+        if len(items) > 50:
+          lines.append(f"  ... and {len(items) - 50} more")
+    raise ConversionError("checkpoint does not match the model:\n" + "\n".join(lines))
+  return out
+
+
+def jax_to_hf(flat_params: dict[str, np.ndarray], rules: list[Rule],
+              denormalize_key: Callable[[str], str] = lambda k: k) -> dict[str, np.ndarray]:
+  """Inverse of `hf_to_jax`: jax path -> HF key (in the layout `denormalize_key` chooses)."""
+  out = {}
+  for path, value in flat_params.items():
+    for rule in rules:
+      m = re.fullmatch(rule.jax_regex(), path)
+      if m is None:
+        continue
+      out[denormalize_key(rule.hf_key(m.groups()))] = np.ascontiguousarray(rule.to_hf(np.asarray(value)))
+      break
+    else:
+      raise ConversionError(f"no rule maps jax parameter {path} back to an HF key")
+  return out

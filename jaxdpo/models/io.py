@@ -1,0 +1,216 @@
+"""Converted checkpoints: build abstract models, save and load parameters, HF round trips.
+
+Layout of a converted checkpoint directory:
+
+  jaxdpo_model.json   {"family": ..., "config": {...}}  the jaxdpo config of the model
+  hf_config.json      the source config.json, written back verbatim by jax-to-hf
+  params/             orbax checkpoint of the parameter tree (plain nested dict)
+  tokenizer/          tokenizer / processor files copied from the HF directory, if any
+
+Every directory is written under a temporary name and renamed into place, so a crash never
+leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdpo.models import convert_table, registry
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.json",
+                   "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+                   "video_preprocessor_config.json", "generation_config.json")
+
+
+def path_str(path) -> str:
+  return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def flatten(tree) -> dict[str, Any]:
+  """Nested dict -> {"a.b.0.c": leaf}."""
+  return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten_like(flat: dict[str, Any], like):
+  """Inverse of `flatten`, using `like` (a tree of the same structure) for the structure."""
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(like)
+  return jax.tree_util.tree_unflatten(treedef, [flat[path_str(p)] for p, _ in leaves_with_path])
+
+
+def build_abstract(family: registry.Family, cfg, param_dtype=jnp.float32, attention_impl=None):
+  """(graphdef, abstract nnx.State of Params) without allocating anything."""
+  model = nnx.eval_shape(lambda: family.build(cfg, nnx.Rngs(0), param_dtype, attention_impl))
+  graphdef, params = nnx.split(model, nnx.Param)
+  return graphdef, params
+
+
+def config_to_dict(cfg) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def config_from_dict(family: registry.Family, d: dict):
+  fields = {f.name: f for f in dataclasses.fields(family.config_cls)}
+  unknown = sorted(set(d) - set(fields))
+  if unknown:
+    raise ValueError(f"unknown {family.config_cls.__name__} fields: {unknown}")
+  return family.config_cls(**{k: _tuplify(v) for k, v in d.items()})
+
+
+def _tuplify(v):
+  if isinstance(v, list):
+    return tuple(_tuplify(x) for x in v)
+  if isinstance(v, dict):
+    return {k: _tuplify(x) for k, x in v.items()}
+  return v
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str, overwrite: bool = False):
+  """Yields a temporary sibling directory that is renamed to `final` only on success."""
+  final = os.path.abspath(final)
+  if os.path.exists(final) and not overwrite:
+    raise FileExistsError(f"{final} already exists; pass --overwrite to replace it")
+  parent = os.path.dirname(final)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.exists(final):
+    shutil.rmtree(final)
+  os.rename(tmp, final)
+
+
+def save_params(path: str, params_pure: dict):
+  """Writes a plain parameter tree with orbax (path must not exist)."""
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(path), params_pure)
+    ckptr.wait_until_finished()
+
+
+def read_model_meta(ckpt_dir: str) -> tuple[registry.Family, Any]:
+  meta_path = os.path.join(ckpt_dir, "jaxdpo_model.json")
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f"{ckpt_dir}: not a jaxdpo model checkpoint (no jaxdpo_model.json); "
+                            "convert an HF model with `python -m jaxdpo.convert hf-to-jax`")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  family = registry.get_family(meta["family"])
+  return family, config_from_dict(family, meta["config"])
+
+
+def load_params(ckpt_dir: str, abstract_params: nnx.State, shardings=None, dtype=None):
+  """Restores the parameter State of a converted checkpoint.
+
+  Args:
+    ckpt_dir: converted checkpoint directory.
+    abstract_params: the abstract nnx.State (from `build_abstract`).
+    shardings: optional pytree of NamedSharding matching the pure dict; arrays are restored
+      straight into it, so no host ever holds the full model.
+    dtype: optional dtype to restore into.
+
+  Returns:
+    nnx.State with concrete arrays.
+  """
+  import orbax.checkpoint as ocp
+  pure = abstract_params.to_pure_dict()
+  if shardings is None:
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), pure)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), pure, shardings)
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(os.path.abspath(os.path.join(ckpt_dir, "params")), target)
+  state = jax.tree.map(lambda x: x, abstract_params)
+  nnx.replace_by_pure_dict(state, restored)
+  return state
+
+
+def load_model(ckpt_dir: str, *, param_dtype=jnp.float32, attention_impl=None, shardings=None):
+  """Loads a converted checkpoint: returns (family, config, graphdef, params State)."""
+  family, cfg = read_model_meta(ckpt_dir)
+  graphdef, abstract = build_abstract(family, cfg, param_dtype, attention_impl)
+  params = load_params(ckpt_dir, abstract, shardings=shardings, dtype=param_dtype)
+  return family, cfg, graphdef, params
+
+
+def hf_to_jax_dir(hf_dir: str, out_dir: str, *, overwrite: bool = False, dtype=None) -> str:
+  """Converts an HF checkpoint directory into a jaxdpo checkpoint directory, atomically."""
+  cfg_path = os.path.join(hf_dir, "config.json")
+  if not os.path.exists(cfg_path):
+    raise convert_table.ConversionError(f"{hf_dir}: no config.json (is this an HF model directory?)")
+  with open(cfg_path) as f:
+    hf_config = json.load(f)
+  family = registry.family_for_hf_config(hf_config, cfg_path)
+  cfg = family.config_from_hf(hf_config)
+  _, abstract = build_abstract(family, cfg)
+  expected = {k: tuple(v.shape) for k, v in flatten(abstract.to_pure_dict()).items()}
+  flat = convert_table.hf_to_jax(convert_table.iter_hf_tensors(hf_dir), family.rules(cfg), expected,
+                                 family.normalize_key(cfg), dtype=dtype)
+  pure = unflatten_like(flat, abstract.to_pure_dict())
+  with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with open(os.path.join(tmp, "jaxdpo_model.json"), "w") as f:
+      json.dump({"family": family.name, "config": config_to_dict(cfg)}, f, indent=2)
+    with open(os.path.join(tmp, "hf_config.json"), "w") as f:
+      json.dump(hf_config, f, indent=2)
+    save_params(os.path.join(tmp, "params"), pure)
+    copy_tokenizer_files(hf_dir, os.path.join(tmp, "tokenizer"))
+  return out_dir
+
+
+def copy_tokenizer_files(src: str, dst: str):
+  names = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(src, n))]
+  if names:
+    os.makedirs(dst, exist_ok=True)
+    for n in names:
+      shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
+
+
+def jax_to_hf_dir(ckpt_dir: str, out_dir: str, *, overwrite: bool = False, max_shard_bytes: int = 2 << 30,
+                  params: nnx.State | None = None) -> str:
+  """Writes an HF directory (config.json, sharded safetensors + index, tokenizer files)."""
+  from safetensors.numpy import save_file
+  family, cfg = read_model_meta(ckpt_dir)
+  if params is None:
+    _, _, _, params = load_model(ckpt_dir)
+  flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params.to_pure_dict()).items()}
+  tensors = convert_table.jax_to_hf(flat, family.rules(cfg), family.denormalize_key)
+  hf_config_path = os.path.join(ckpt_dir, "hf_config.json")
+  with open(hf_config_path) as f:
+    hf_config = json.load(f)
+  with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_config, f, indent=2)
+    shards, current, size = [], {}, 0
+    for key in sorted(tensors):
+      nbytes = tensors[key].nbytes
+      if current and size + nbytes > max_shard_bytes:
+        shards.append(current)
+        current, size = {}, 0
+      current[key] = tensors[key]
+      size += nbytes
+    shards.append(current)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+      name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+      for key, arr in shard.items():
+        weight_map[key] = name
+        total += arr.nbytes
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    copy_tokenizer_files(os.path.join(ckpt_dir, "tokenizer"), tmp)
+  return out_dir

@@ -1,0 +1,247 @@
+"""Building blocks shared by every model family.
+
+Letter vocabulary (used in einsum strings and in shape-suffixed names):
+  B batch, T query sequence, S key/value sequence, D model width, N query heads,
+  K kv heads, G query heads per kv head (N = K * G), H head dim, F MLP width, V vocab.
+
+Every parameter is an `nnx.Param` carrying `logical_axes` metadata; `jaxdpo.sharding` maps
+those names onto mesh axes through the rules table in the config. We use our own metadata key
+rather than flax's `sharding_names` because the latter triggers flax's eager sharding, which
+requires a mesh at construction time; we want abstract construction under `eval_shape` and
+initialisation under `jit` with explicit out shardings instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = jax.nn.initializers.Initializer
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
+          dtype=jnp.float32) -> nnx.Param:
+  """Creates a parameter with logical axis names attached.
+
+  Args:
+    rngs: source of the init key.
+    init: a jax initializer.
+    shape: parameter shape.
+    axes: one logical axis name (or None) per dimension.
+    dtype: parameter (storage) dtype.
+
+  Returns:
+    An `nnx.Param` whose metadata holds `logical_axes`.
+  """
+  assert len(shape) == len(axes), (shape, axes)
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(axes))
+
+
+class Einsum(nnx.Module):
+  """A kernel (and optional bias) applied with one einsum equation.
+
+  The equation names the contraction in the project's letter vocabulary, e.g.
+  "BTD,DNH->BTNH" for a query projection. The bias has the kernel's output dims.
+  """
+
+  def __init__(self, eqn: str, shape: Sequence[int], axes: Sequence[str | None], *,
+               bias_shape: Sequence[int] | None = None, bias_axes: Sequence[str | None] | None = None,
+               rngs: nnx.Rngs, dtype=jnp.float32, init_std: float = 0.02):
+    self.eqn = eqn
+    self.kernel = param(rngs, jax.nn.initializers.normal(init_std), shape, axes, dtype)
+    if bias_shape is not None:
+      self.bias = param(rngs, jax.nn.initializers.zeros, bias_shape, bias_axes, dtype)
+    else:
+      self.bias = None
+
+  def __call__(self, x):
+    y = jnp.einsum(self.eqn, x, self.kernel[...].astype(x.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(x.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with the normalisation in fp32.
+
+  Two conventions exist and both are exact ports:
+    * Llama/Qwen (`plus_one=False`): `w * cast(x̂, input dtype)`;
+    * Gemma (`plus_one=True`): `cast(x̂ * (1 + w), input dtype)`, weight applied in fp32.
+  """
+
+  def __init__(self, dim: int, *, eps: float, plus_one: bool = False, rngs: nnx.Rngs,
+               dtype=jnp.float32, axes: Sequence[str | None] = ("norm",)):
+    self.eps = eps
+    self.plus_one = plus_one
+    init = jax.nn.initializers.zeros if plus_one else jax.nn.initializers.ones
+    self.weight = param(rngs, init, (dim,), axes, dtype)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    w = self.weight[...]
+    if self.plus_one:
+      return (x32 * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+    return w.astype(x.dtype) * x32.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with weight and bias, statistics in fp32 (SigLIP, Qwen vision merger)."""
+
+  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, dtype=jnp.float32,
+               axes: Sequence[str | None] = ("norm",)):
+    self.eps = eps
+    self.weight = param(rngs, jax.nn.initializers.ones, (dim,), axes, dtype)
+    self.bias = param(rngs, jax.nn.initializers.zeros, (dim,), axes, dtype)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary embeddings
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling_factor: float = 1.0) -> jax.Array:
+  """Inverse frequencies of split-half RoPE, fp32, shape [H/2].
+
+  `scaling_factor` implements "linear" rope scaling (positions divided by the factor), which
+  is the same as dividing the inverse frequencies.
+  """
+  exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+  return 1.0 / (theta ** exponents) / scaling_factor
+
+
+def rope_cos_sin(positions, inv_freq, mrope_section: Sequence[int] | None = None):
+  """Cos/sin tables for split-half RoPE.
+
+  Args:
+    positions: int [B, T], or [3, B, T] (temporal, height, width) for multimodal RoPE.
+    inv_freq: fp32 [H/2].
+    mrope_section: for M-RoPE, how many of the H/2 frequencies each of the three position
+      streams drives (e.g. (16, 24, 24)); chunk i of the frequency axis reads stream i % 3.
+
+  Returns:
+    (cos, sin), each fp32 [B, T, H].
+  """
+  if mrope_section is None:
+    if positions.ndim != 2:
+      raise ValueError(f"1D RoPE expects positions [B, T], got shape {positions.shape}")
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  else:
+    if positions.ndim == 2:  # text only: the three streams coincide
+      positions = jnp.broadcast_to(positions[None], (3,) + positions.shape)
+    freqs3 = positions.astype(jnp.float32)[..., None] * inv_freq  # [3, B, T, H/2]
+    chunks, start = [], 0
+    for i, width in enumerate(mrope_section):
+      chunks.append(freqs3[i % 3, ..., start:start + width])
+      start += width
+    if start != inv_freq.shape[0]:
+      raise ValueError(f"mrope_section {tuple(mrope_section)} must sum to head_dim/2={inv_freq.shape[0]}")
+    freqs = jnp.concatenate(chunks, axis=-1)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BTNH, cos_BTH, sin_BTH):
+  """Applies split-half ("rotate_half") RoPE; the rotation is done in x's dtype like HF."""
+  half = x_BTNH.shape[-1] // 2
+  rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+  cos = cos_BTH[:, :, None, :].astype(x_BTNH.dtype)
+  sin = sin_BTH[:, :, None, :].astype(x_BTNH.dtype)
+  return x_BTNH * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+def attention_mask(q_segment_ids, kv_segment_ids, q_index=None, kv_index=None, *, causal: bool = True,
+                   sliding_window: int | None = None, bidirectional_q=None, bidirectional_kv=None):
+  """Boolean attention mask [B, T, S] built from explicit segment ids and token indices.
+
+  Padding is segment 0 and is never attended to. Masks never look at token ids, because pad
+  can equal EOS.
+
+  Args:
+    q_segment_ids, kv_segment_ids: int [B, T], [B, S]; equal non-zero ids may attend.
+    q_index, kv_index: int [B, T], [B, S] order of tokens (cache slot / position in the row),
+      used for causality and sliding windows. Default: arange.
+    causal: keys must not come after queries.
+    sliding_window: if set, keys must satisfy q_index - kv_index < sliding_window.
+    bidirectional_q, bidirectional_kv: optional int [B, T], [B, S] group ids (0 = none);
+      tokens in the same non-zero group see each other regardless of causality (Gemma 3 image
+      tokens).
+
+  Returns:
+    bool [B, T, S].
+  """
+  b, t = q_segment_ids.shape
+  s = kv_segment_ids.shape[1]
+  if q_index is None:
+    q_index = jnp.broadcast_to(jnp.arange(t), (b, t))
+  if kv_index is None:
+    kv_index = jnp.broadcast_to(jnp.arange(s), (b, s))
+  mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
+  order = jnp.ones_like(mask)
+  if causal:
+    order = kv_index[:, None, :] <= q_index[:, :, None]
+  if sliding_window is not None:
+    order = order & (q_index[:, :, None] - kv_index[:, None, :] < sliding_window)
+  if bidirectional_q is not None:
+    same_group = (bidirectional_q[:, :, None] == bidirectional_kv[:, None, :]) & (bidirectional_q[:, :, None] != 0)
+    order = order | same_group
+  return mask & order
+
+
+def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float,
+                          implementation: Literal["xla", "cudnn"] | None = None):
+  """Grouped-query attention through `jax.nn.dot_product_attention`.
+
+  One function for text, vision and sliding-window attention so that a faster backend
+  (cuDNN on GPU) benefits every caller. Softmax runs in fp32 for fp32 inputs; for bf16 inputs
+  XLA and cuDNN accumulate in fp32 internally.
+  """
+  mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, scale=scale,
+                                      implementation=implementation)
+
+
+class GatedMLP(nnx.Module):
+  """SwiGLU / GeGLU: down(act(gate(x)) * up(x))."""
+
+  def __init__(self, d: int, f: int, *, activation: str, bias: bool = False, rngs: nnx.Rngs,
+               dtype=jnp.float32, axes_in=("embed", "mlp"), axes_out=("mlp", "embed")):
+    bias_in = dict(bias_shape=(f,), bias_axes=(axes_in[1],)) if bias else {}
+    bias_out = dict(bias_shape=(d,), bias_axes=(axes_out[1],)) if bias else {}
+    self.gate = Einsum("BTD,DF->BTF", (d, f), axes_in, rngs=rngs, dtype=dtype, **bias_in)
+    self.up = Einsum("BTD,DF->BTF", (d, f), axes_in, rngs=rngs, dtype=dtype, **bias_in)
+    self.down = Einsum("BTF,FD->BTD", (f, d), axes_out, rngs=rngs, dtype=dtype, **bias_out)
+    self.activation = activation
+
+  def __call__(self, x_BTD):
+    return self.down(activation(self.activation)(self.gate(x_BTD)) * self.up(x_BTD))
+
+
+def activation(name: str):
+  """Maps an HF `hidden_act` name to a jax function with the same numerics."""
+  table = {
+      "silu": jax.nn.silu,
+      "swish": jax.nn.silu,
+      "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
+      "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+      "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+      "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+  }
+  if name not in table:
+    raise ValueError(f"unsupported activation {name!r}; known: {sorted(table)}")
+  return table[name]

@@ -1,0 +1,140 @@
+"""Flax nnx port of the Qwen2 / Qwen2.5 decoder (the text tower of Qwen2.5-VL).
+
+Held to `transformers.Qwen2ForCausalLM` (1D RoPE) and to the language model of
+`Qwen2_5_VLForConditionalGeneration` (M-RoPE) by the parity tests.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdpo.models import layers
+from jaxdpo.models.qwen2_5_vl.config import Qwen2TextConfig
+
+
+class Attention(nnx.Module):
+  """GQA self-attention: q/k/v with bias, o without, split-half (M-)RoPE."""
+
+  def __init__(self, cfg: Qwen2TextConfig, *, rngs: nnx.Rngs, dtype, attention_impl):
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+    self.q = layers.Einsum("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"), bias_shape=(n, h),
+                           bias_axes=("heads", "head_dim"), rngs=rngs, dtype=dtype)
+    self.k = layers.Einsum("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), bias_shape=(k, h),
+                           bias_axes=("kv_heads", "head_dim"), rngs=rngs, dtype=dtype)
+    self.v = layers.Einsum("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), bias_shape=(k, h),
+                           bias_axes=("kv_heads", "head_dim"), rngs=rngs, dtype=dtype)
+    self.o = layers.Einsum("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), rngs=rngs, dtype=dtype)
+    self.scale = h ** -0.5
+    self.attention_impl = attention_impl
+
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None):
+    q_BTNH = layers.apply_rope(self.q(x_BTD), cos_BTH, sin_BTH)
+    k_BTKH = layers.apply_rope(self.k(x_BTD), cos_BTH, sin_BTH)
+    v_BTKH = self.v(x_BTD)
+    new_cache = None
+    if cache is not None:
+      # Decode: write this step's keys/values into the preallocated cache at `cache_index`.
+      k_BSKH = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BTKH.astype(cache[0].dtype), cache_index, axis=1)
+      v_BSKH = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BTKH.astype(cache[1].dtype), cache_index, axis=1)
+      new_cache = (k_BSKH, v_BSKH)
+      k_BTKH, v_BTKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+    out_BTNH = layers.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, scale=self.scale,
+                                            implementation=self.attention_impl)
+    return self.o(out_BTNH), new_cache
+
+
+class DecoderBlock(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+  def __init__(self, cfg: Qwen2TextConfig, *, rngs: nnx.Rngs, dtype, attention_impl):
+    self.input_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, dtype=dtype)
+    self.self_attn = Attention(cfg, rngs=rngs, dtype=dtype, attention_impl=attention_impl)
+    self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, dtype=dtype)
+    self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.hidden_act, rngs=rngs,
+                               dtype=dtype)
+
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None):
+    attn_BTD, new_cache = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS, cache,
+                                         cache_index)
+    x_BTD = x_BTD + attn_BTD
+    x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+    return x_BTD, new_cache
+
+
+class Qwen2Decoder(nnx.Module):
+  """The Qwen2 decoder with its embedding and LM head.
+
+  `__call__` returns the final (normed) hidden states so that log-probs can be computed in
+  chunks against `unembedding()` without materialising [B, T, V] logits.
+  """
+
+  def __init__(self, cfg: Qwen2TextConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               attention_impl: str | None = None):
+    self.config = cfg
+    init = jax.nn.initializers.normal(0.02)
+    self.embed_tokens = layers.param(rngs, init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                                     param_dtype)
+    self.layers = nnx.List([DecoderBlock(cfg, rngs=rngs, dtype=param_dtype, attention_impl=attention_impl)
+                            for _ in range(cfg.num_layers)])
+    self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, dtype=param_dtype)
+    if cfg.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = layers.param(rngs, init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                                  param_dtype)
+
+  def embed(self, ids_BT):
+    """Token embeddings [B, T, D] in the parameter dtype."""
+    return jnp.take(self.embed_tokens[...], ids_BT, axis=0)
+
+  def unembedding(self):
+    """The LM-head matrix [V, D] (the embedding when tied)."""
+    return (self.embed_tokens if self.lm_head is None else self.lm_head)[...]
+
+  def logits(self, h_BTD):
+    """Full logits; for tests and generation only (training uses chunked log-probs)."""
+    return jnp.einsum("BTD,VD->BTV", h_BTD, self.unembedding().astype(h_BTD.dtype))
+
+  def __call__(self, *, positions, segment_ids, input_ids=None, inputs_embeds=None, attn_mask=None,
+               kv_cache=None, cache_index=None):
+    """Runs the decoder.
+
+    Args:
+      positions: int [B, T] (1D RoPE) or [3, B, T] (M-RoPE) rotary positions.
+      segment_ids: int [B, T]; 0 marks padding. Used to build the causal mask when
+        `attn_mask` is not given.
+      input_ids: int [B, T]; exclusive with `inputs_embeds`.
+      inputs_embeds: [B, T, D] (e.g. text embeddings with image features spliced in).
+      attn_mask: optional bool [B, T, S] overriding the mask built from `segment_ids`
+        (generation passes one that spans the cache).
+      kv_cache: optional list of per-layer (k [B, S, K, H], v [B, S, K, H]).
+      cache_index: int scalar, where this call's keys/values are written in the cache.
+
+    Returns:
+      (hidden [B, T, D] after the final norm, new kv cache or None).
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    x_BTD = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+    cos_BTH, sin_BTH = layers.rope_cos_sin(
+        positions, layers.rope_inv_freq(self.config.head_size, self.config.rope_theta), self.config.mrope_section)
+    if attn_mask is None:
+      attn_mask = layers.attention_mask(segment_ids, segment_ids)
+    new_cache = [] if kv_cache is not None else None
+    for i, block in enumerate(self.layers):
+      layer_cache = None if kv_cache is None else kv_cache[i]
+      x_BTD, c = block(x_BTD, cos_BTH, sin_BTH, attn_mask, layer_cache, cache_index)
+      if new_cache is not None:
+        new_cache.append(c)
+    return self.norm(x_BTD), new_cache
+
+  def hidden_states(self, inputs: dict):
+    """The model-family-neutral entry used by DPO/SFT steps: inputs dict -> hidden [B, T, D].
+
+    Keys: `input_ids`, `positions`, `segment_ids` (all int [B, T]).
+    """
+    h_BTD, _ = self(input_ids=inputs["input_ids"], positions=inputs["positions"],
+                    segment_ids=inputs["segment_ids"])
+    return h_BTD

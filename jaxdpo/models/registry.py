@@ -1,0 +1,73 @@
+"""Model families: HF architecture name -> config parser, model class and weight table."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from jaxdpo.models.convert_table import ConversionError, Rule
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """Everything the converters and loaders need to know about one model family.
+
+  Attributes:
+    name: jaxdpo family name, stored in converted checkpoints.
+    hf_architectures: `architectures` entries of HF config.json that this family reads.
+    config_cls: the frozen config dataclass.
+    config_from_hf: HF config dict -> config.
+    build: (config, rngs, param_dtype, attention_impl) -> nnx module.
+    rules: config -> list of conversion rules over canonical HF keys.
+    normalize_key: config -> (HF key -> canonical key or None to ignore).
+    denormalize_key: canonical key -> the key written by jax-to-hf (the transformers-5 layout).
+    presets: named config constructors.
+  """
+
+  name: str
+  hf_architectures: tuple[str, ...]
+  config_cls: type
+  config_from_hf: Callable[[dict], Any]
+  build: Callable[..., Any]
+  rules: Callable[[Any], list[Rule]]
+  normalize_key: Callable[[Any], Callable[[str], str | None]]
+  denormalize_key: Callable[[str], str]
+  presets: dict[str, Callable[[], Any]]
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+  _FAMILIES[family.name] = family
+  return family
+
+
+def get_family(name: str) -> Family:
+  _load_builtin()
+  if name not in _FAMILIES:
+    raise KeyError(f"unknown model family {name!r}; known: {sorted(_FAMILIES)}")
+  return _FAMILIES[name]
+
+
+def families() -> dict[str, Family]:
+  _load_builtin()
+  return dict(_FAMILIES)
+
+
+def family_for_hf_config(hf_config: dict, source: str = "config.json") -> Family:
+  """Picks the family from an HF config's `architectures` (or `model_type`)."""
+  _load_builtin()
+  archs = hf_config.get("architectures") or []
+  for fam in _FAMILIES.values():
+    if any(a in fam.hf_architectures for a in archs):
+      return fam
+  known = sorted(a for f in _FAMILIES.values() for a in f.hf_architectures)
+  raise ConversionError(f"{source}: architecture {archs or hf_config.get('model_type')!r} is not supported; "
+                        f"supported: {known}")
+
+
+def _load_builtin():
+  # Imported lazily so that `import jaxdpo.models.registry` stays cheap and cycle-free.
+  import jaxdpo.models.families  # noqa: F401
