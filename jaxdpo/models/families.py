@@ -1,21 +1,5 @@
-"""Registers the built-in model families."""
+"""Imports every built-in family module; each registers itself with `registry.register`."""
 
 from __future__ import annotations
 
-from jaxdpo.models import registry
-from jaxdpo.models.qwen2_5_vl import config as qwen_config
-from jaxdpo.models.qwen2_5_vl import convert as qwen_convert
-from jaxdpo.models.qwen2_5_vl.model import Qwen2Decoder
-
-registry.register(registry.Family(
-    name="qwen2",
-    hf_architectures=("Qwen2ForCausalLM",),
-    config_cls=qwen_config.Qwen2TextConfig,
-    config_from_hf=qwen_convert.text_config_from_hf,
-    build=lambda cfg, rngs, param_dtype, attention_impl=None: Qwen2Decoder(
-        cfg, rngs=rngs, param_dtype=param_dtype, attention_impl=attention_impl),
-    rules=qwen_convert.text_rules,
-    normalize_key=qwen_convert.qwen2_normalize_key,
-    denormalize_key=lambda k: k,
-    presets=qwen_config.PRESETS,
-))
+import jaxdpo.models.qwen2_5_vl.family  # noqa: F401

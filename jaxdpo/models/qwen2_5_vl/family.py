@@ -1,0 +1,21 @@
+"""Registers the Qwen2 text family (and, with the vision tower, Qwen2.5-VL)."""
+
+from __future__ import annotations
+
+from jaxdpo.models import registry
+from jaxdpo.models.qwen2_5_vl import config as qwen_config
+from jaxdpo.models.qwen2_5_vl import convert as qwen_convert
+from jaxdpo.models.qwen2_5_vl.model import Qwen2Decoder
+
+QWEN2 = registry.register(registry.Family(
+    name="qwen2",
+    hf_architectures=("Qwen2ForCausalLM",),
+    config_cls=qwen_config.Qwen2TextConfig,
+    config_from_hf=qwen_convert.text_config_from_hf,
+    build=lambda cfg, rngs, param_dtype, attention_impl=None: Qwen2Decoder(
+        cfg, rngs=rngs, param_dtype=param_dtype, attention_impl=attention_impl),
+    rules=qwen_convert.text_rules,
+    normalize_key=qwen_convert.qwen2_normalize_key,
+    denormalize_key=lambda k: k,
+    presets=qwen_config.PRESETS,
+))
