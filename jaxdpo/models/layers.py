@@ -177,7 +177,8 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_index=None, kv_index=None, *
     q_index, kv_index: int [B, T], [B, S] order of tokens (cache slot / position in the row),
       used for causality and sliding windows. Default: arange.
     causal: keys must not come after queries.
-    sliding_window: if set, keys must satisfy q_index - kv_index < sliding_window.
+    sliding_window: if set, keys must satisfy q_index - kv_index < sliding_window (applied
+      after the bidirectional groups, so it also bounds them).
     bidirectional_q, bidirectional_kv: optional int [B, T], [B, S] group ids (0 = none);
       tokens in the same non-zero group see each other regardless of causality (Gemma 3 image
       tokens).
@@ -195,11 +196,13 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_index=None, kv_index=None, *
   order = jnp.ones_like(mask)
   if causal:
     order = kv_index[:, None, :] <= q_index[:, :, None]
-  if sliding_window is not None:
-    order = order & (q_index[:, :, None] - kv_index[:, None, :] < sliding_window)
   if bidirectional_q is not None:
     same_group = (bidirectional_q[:, :, None] == bidirectional_kv[:, None, :]) & (bidirectional_q[:, :, None] != 0)
     order = order | same_group
+  if sliding_window is not None:
+    # After the bidirectional OR, as transformers composes Gemma 3's local mask:
+    # AND(window, OR(causal, same image)). A group longer than the window is cut by it.
+    order = order & (q_index[:, :, None] - kv_index[:, None, :] < sliding_window)
   return mask & order
 
 

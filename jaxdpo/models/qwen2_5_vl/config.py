@@ -1,4 +1,19 @@
-"""Configuration of the Qwen2.5 text decoder (the text tower of Qwen2.5-VL / Nanonets-OCR2)."""
+"""Configurations of the Qwen2.5 text decoder and of Qwen2.5-VL (vision tower + decoder).
+
+Presets and where their numbers come from:
+  * `qwen2_5_3b_text`: the Qwen2.5-3B decoder shape.
+  * `qwen2_5_vl_3b`: Qwen/Qwen2.5-VL-3B-Instruct. Its config.json gives the vision tower's
+    depth 32, hidden 1280, intermediate 3420, 16 heads, patch 14, temporal patch 2, spatial merge
+    2, window 112, fullatt_block_indexes [7, 15, 23, 31], out_hidden_size 2048,
+    tokens_per_second 2, in_chans 3, hidden_act silu; values it omits fall back to transformers'
+    `Qwen2_5_VLVisionConfig` defaults (vision rope theta 10000 from the "axial" rope default) and
+    `Qwen2_5_VLConfig` defaults (image / video / vision-start / vision-end token ids
+    151655 / 151656 / 151652 / 151653). Text: the Qwen2.5-3B shape with M-RoPE sections
+    (16, 24, 24), vocab 151936, tied embeddings, rope theta 1e6, rms eps 1e-6.
+  * `nanonets_ocr2_3b`: nanonets/Nanonets-OCR2-3B, a full fine-tune of Qwen2.5-VL-3B with the
+    same architecture and shapes (its config.json declares `Qwen2_5_VLForConditionalGeneration`).
+  * `tiny`, `tiny_vl`: deliberately odd sizes for tests.
+"""
 
 from __future__ import annotations
 
@@ -53,4 +68,117 @@ def qwen2_5_3b_text() -> Qwen2TextConfig:
                          tie_word_embeddings=True, eos_token_id=151645, pad_token_id=151643)
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """The Qwen2.5-VL vision tower (mirrors transformers' `Qwen2_5_VLVisionConfig`).
+
+  `window_size` is in pixels; a window spans window_size // (patch_size * spatial_merge_size)
+  merged tokens per side. Blocks listed in `fullatt_block_indexes` attend over the whole image,
+  the others only within their window.
+  """
+
+  depth: int
+  hidden_size: int
+  intermediate_size: int
+  num_heads: int
+  out_hidden_size: int
+  patch_size: int = 14
+  temporal_patch_size: int = 2
+  spatial_merge_size: int = 2
+  window_size: int = 112
+  fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+  in_channels: int = 3
+  hidden_act: str = "silu"
+  tokens_per_second: int = 2
+  rope_theta: float = 10_000.0
+  rms_norm_eps: float = 1e-6
+
+  @property
+  def head_size(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def patch_dim(self) -> int:
+    """Length of one flattened patch as the image processor emits it: C * t * p * p."""
+    return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+  @property
+  def merge_unit(self) -> int:
+    return self.spatial_merge_size ** 2
+
+  @property
+  def window_merged(self) -> int:
+    """Window side in merged tokens."""
+    return self.window_size // self.spatial_merge_size // self.patch_size
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"vision hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+    if self.head_size % 4:
+      raise ValueError(f"vision head size {self.head_size} must be a multiple of 4 (2D rotary embedding)")
+    if self.window_merged < 1:
+      raise ValueError(f"window_size={self.window_size} is smaller than one merged token "
+                       f"({self.patch_size * self.spatial_merge_size} pixels)")
+    bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+    if bad:
+      raise ValueError(f"fullatt_block_indexes {bad} are outside 0..{self.depth - 1}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2_5_VLConfig:
+  """Qwen2.5-VL: vision tower + Qwen2 decoder with M-RoPE.
+
+  Converted checkpoints store this as nested dicts; `__post_init__` rebuilds the sub-configs.
+  """
+
+  text: Qwen2TextConfig
+  vision: VisionConfig
+  image_token_id: int = 151655
+  video_token_id: int = 151656
+  vision_start_token_id: int = 151652
+  vision_end_token_id: int = 151653
+
+  def __post_init__(self):
+    if isinstance(self.text, dict):
+      object.__setattr__(self, "text", Qwen2TextConfig(**self.text))
+    if isinstance(self.vision, dict):
+      object.__setattr__(self, "vision", VisionConfig(**self.vision))
+    if self.text.mrope_section is None:
+      raise ValueError("Qwen2.5-VL needs text.mrope_section (M-RoPE), e.g. (16, 24, 24)")
+    if self.vision.out_hidden_size != self.text.hidden_size:
+      raise ValueError(f"vision out_hidden_size={self.vision.out_hidden_size} must equal text hidden_size="
+                       f"{self.text.hidden_size}")
+
+
+def qwen2_5_vl_3b() -> Qwen2_5_VLConfig:
+  """Qwen/Qwen2.5-VL-3B-Instruct (see the module docstring for the sources of each value)."""
+  text = dataclasses.replace(qwen2_5_3b_text(), mrope_section=(16, 24, 24))
+  vision = VisionConfig(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                        patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+                        fullatt_block_indexes=(7, 15, 23, 31), in_channels=3, hidden_act="silu",
+                        tokens_per_second=2, rope_theta=10_000.0)
+  return Qwen2_5_VLConfig(text=text, vision=vision, image_token_id=151655, video_token_id=151656,
+                          vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+def nanonets_ocr2_3b() -> Qwen2_5_VLConfig:
+  """nanonets/Nanonets-OCR2-3B: a Qwen2.5-VL-3B fine-tune, identical shapes and token ids."""
+  return qwen2_5_vl_3b()
+
+
+def tiny_vl() -> Qwen2_5_VLConfig:
+  """A tiny Qwen2.5-VL with odd sizes; windows of 2x2 merged tokens and two full-attention blocks."""
+  text = Qwen2TextConfig(vocab_size=331, hidden_size=60, num_layers=2, num_heads=5, num_kv_heads=1,
+                         intermediate_size=92, rope_theta=10_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         mrope_section=(2, 2, 2))
+  vision = VisionConfig(depth=4, hidden_size=36, intermediate_size=52, num_heads=3, out_hidden_size=60,
+                        patch_size=4, temporal_patch_size=2, spatial_merge_size=2, window_size=16,
+                        fullatt_block_indexes=(1, 3), tokens_per_second=2)
+  return Qwen2_5_VLConfig(text=text, vision=vision, image_token_id=320, video_token_id=321,
+                          vision_start_token_id=322, vision_end_token_id=323)
+
+
 PRESETS = {"tiny": tiny, "qwen2_5_3b_text": qwen2_5_3b_text}
+VL_PRESETS = {"tiny_vl": tiny_vl, "qwen2_5_vl_3b": qwen2_5_vl_3b, "nanonets_ocr2_3b": nanonets_ocr2_3b}

@@ -1,11 +1,14 @@
-"""HF <-> jaxdpo mapping for the Qwen2 text decoder (and, later, the Qwen2.5-VL towers)."""
+"""HF <-> jaxdpo mapping for the Qwen2 text decoder and for Qwen2.5-VL (vision tower + decoder)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
+import numpy as np
+
 from jaxdpo.models.convert_table import Rule, identity, linear_in, linear_out, reshape
-from jaxdpo.models.qwen2_5_vl.config import Qwen2TextConfig
+from jaxdpo.models.qwen2_5_vl.config import Qwen2_5_VLConfig, Qwen2TextConfig, VisionConfig
 
 
 def text_config_from_hf(hf: dict) -> Qwen2TextConfig:
@@ -61,3 +64,129 @@ def qwen2_normalize_key(cfg: Qwen2TextConfig):
       return None  # a buffer, not a parameter
     return key
   return normalize
+
+
+# ----------------------------------------------------------------------------------------------
+# Qwen2.5-VL (and Nanonets-OCR2-3B, the same architecture)
+#
+# Canonical HF layout (what `normalize_key` folds every layout into) is transformers-5's module
+# tree: `model.language_model.*`, `model.visual.*`, `lm_head.*`. Accepted on input as well:
+# the hub layout that Qwen's checkpoints use and that transformers still writes
+# (`model.*` for the decoder, `visual.*`, `lm_head.*`), and the older `language_model.model.*` /
+# `language_model.lm_head.*`. jax-to-hf writes the hub layout, which every transformers version
+# and serving stack reads.
+
+TEXT_PREFIX = "model.language_model."
+VISION_PREFIX = "model.visual."
+
+# (prefix on input, canonical prefix); first match wins, so the canonical prefixes come first.
+_LAYOUTS = (
+    (TEXT_PREFIX, TEXT_PREFIX),
+    (VISION_PREFIX, VISION_PREFIX),
+    ("language_model.model.", TEXT_PREFIX),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.", TEXT_PREFIX),
+    ("visual.", VISION_PREFIX),
+)
+_HUB_LAYOUT = ((TEXT_PREFIX, "model."), (VISION_PREFIX, "visual."))
+
+# transformers' `Qwen2_5_VLVisionConfig` defaults, for fields a config.json leaves out.
+_VISION_DEFAULTS = dict(depth=32, hidden_size=3584, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                        patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+                        fullatt_block_indexes=(7, 15, 23, 31), in_channels=3, hidden_act="silu",
+                        tokens_per_second=4, rope_theta=10_000.0)
+
+
+def vl_config_from_hf(hf: dict) -> Qwen2_5_VLConfig:
+  """Builds the VL config from config.json: nested `text_config` (transformers >= 4.5x) or the flat
+  legacy form with the text fields at the top level; `vision_config` is always nested."""
+  nested = hf.get("text_config") or {}
+  flat = {k: v for k, v in hf.items() if k not in ("text_config", "vision_config")}
+  text_src = {**flat, **nested}
+  tie = bool(hf.get("tie_word_embeddings", False)) or bool(nested.get("tie_word_embeddings", False))
+  rope = dict(text_src.get("rope_parameters") or text_src.get("rope_scaling") or {})
+  rope.setdefault("mrope_section", [16, 24, 24])  # transformers' default when a config omits it
+  text_src["rope_parameters"] = {**rope, "rope_theta": text_src.get("rope_theta", rope.get("rope_theta", 1e6))}
+  text = dataclasses.replace(text_config_from_hf(text_src), tie_word_embeddings=tie)
+  vc = hf.get("vision_config") or {}
+  vrope = vc.get("rope_parameters") or {}
+  pick = lambda name, *aliases: next((vc[k] for k in (name, *aliases) if k in vc), _VISION_DEFAULTS[name])
+  vision = VisionConfig(
+      depth=pick("depth", "num_hidden_layers"), hidden_size=pick("hidden_size"),
+      intermediate_size=pick("intermediate_size"), num_heads=pick("num_heads", "num_attention_heads"),
+      out_hidden_size=pick("out_hidden_size"), patch_size=pick("patch_size", "spatial_patch_size"),
+      temporal_patch_size=pick("temporal_patch_size"), spatial_merge_size=pick("spatial_merge_size"),
+      window_size=pick("window_size"), fullatt_block_indexes=tuple(pick("fullatt_block_indexes")),
+      in_channels=pick("in_channels", "in_chans"), hidden_act=pick("hidden_act"),
+      tokens_per_second=pick("tokens_per_second"),
+      rope_theta=float(vrope.get("rope_theta", vc.get("rope_theta", _VISION_DEFAULTS["rope_theta"]))))
+  return Qwen2_5_VLConfig(
+      text=text, vision=vision, image_token_id=hf.get("image_token_id", 151655),
+      video_token_id=hf.get("video_token_id", 151656), vision_start_token_id=hf.get("vision_start_token_id", 151652),
+      vision_end_token_id=hf.get("vision_end_token_id", 151653))
+
+
+def _patch_embed(cfg: VisionConfig):
+  """Conv3d weight [D, C, t, p, p] <-> kernel [C*t*p*p, D] (the processor's patch flattening)."""
+  shape = (cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+  def to_jax(w):
+    return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
+  def to_hf(k):
+    return np.ascontiguousarray(k.T).reshape(shape)
+  return to_jax, to_hf
+
+
+def vision_rules(cfg: VisionConfig, hf_prefix: str = VISION_PREFIX, jax_prefix: str = "visual.") -> list[Rule]:
+  """Rules for the vision tower."""
+  n, h, d, mu = cfg.num_heads, cfg.head_size, cfg.hidden_size, cfg.merge_unit
+  p, j = re.escape(hf_prefix), jax_prefix
+  blk = p + r"blocks\.(\d+)\."
+  jb = j + "blocks.{0}."
+  return [
+      Rule(p + r"patch_embed\.proj\.weight", j + "patch_embed.kernel", *_patch_embed(cfg)),
+      Rule(blk + r"norm1\.weight", jb + "norm1.weight"),
+      Rule(blk + r"norm2\.weight", jb + "norm2.weight"),
+      Rule(blk + r"attn\.qkv\.weight", jb + "attn.qkv.kernel", *linear_in(3, n, h)),
+      Rule(blk + r"attn\.qkv\.bias", jb + "attn.qkv.bias", *reshape(3, n, h)),
+      Rule(blk + r"attn\.proj\.weight", jb + "attn.proj.kernel", *linear_out(n, h)),
+      Rule(blk + r"attn\.proj\.bias", jb + "attn.proj.bias"),
+      Rule(blk + r"mlp\.gate_proj\.weight", jb + "mlp.gate.kernel", *linear_in(cfg.intermediate_size)),
+      Rule(blk + r"mlp\.gate_proj\.bias", jb + "mlp.gate.bias"),
+      Rule(blk + r"mlp\.up_proj\.weight", jb + "mlp.up.kernel", *linear_in(cfg.intermediate_size)),
+      Rule(blk + r"mlp\.up_proj\.bias", jb + "mlp.up.bias"),
+      Rule(blk + r"mlp\.down_proj\.weight", jb + "mlp.down.kernel", *linear_in(d)),
+      Rule(blk + r"mlp\.down_proj\.bias", jb + "mlp.down.bias"),
+      Rule(p + r"merger\.ln_q\.weight", j + "merger.ln_q.weight"),
+      Rule(p + r"merger\.mlp\.0\.weight", j + "merger.fc1.kernel", *linear_out(mu, d)),
+      Rule(p + r"merger\.mlp\.0\.bias", j + "merger.fc1.bias"),
+      Rule(p + r"merger\.mlp\.2\.weight", j + "merger.fc2.kernel", *linear_in(cfg.out_hidden_size)),
+      Rule(p + r"merger\.mlp\.2\.bias", j + "merger.fc2.bias"),
+  ]
+
+
+def vl_rules(cfg: Qwen2_5_VLConfig) -> list[Rule]:
+  return (text_rules(cfg.text, hf_prefix=TEXT_PREFIX, jax_prefix="language_model.")
+          + vision_rules(cfg.vision))
+
+
+def vl_normalize_key(cfg: Qwen2_5_VLConfig):
+  """Folds every accepted key layout into the canonical (transformers-5) one."""
+  def normalize(key: str):
+    if key.endswith("rotary_emb.inv_freq"):
+      return None  # a buffer, not a parameter
+    for old, new in _LAYOUTS:
+      if key.startswith(old):
+        key = new + key[len(old):]
+        break
+    if cfg.text.tie_word_embeddings and key == "lm_head.weight":
+      return None  # tied: the embedding is the head; some exports still write a copy
+    return key
+  return normalize
+
+
+def vl_denormalize_key(key: str) -> str:
+  """Canonical key -> the hub layout written by jax-to-hf."""
+  for canon, hub in _HUB_LAYOUT:
+    if key.startswith(canon):
+      return hub + key[len(canon):]
+  return key

@@ -1,4 +1,4 @@
-"""Registers the Qwen2 text family (and, with the vision tower, Qwen2.5-VL)."""
+"""Registers the Qwen2 text family and the Qwen2.5-VL family (Qwen2.5-VL-3B, Nanonets-OCR2-3B)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from jaxdpo.models import registry
 from jaxdpo.models.qwen2_5_vl import config as qwen_config
 from jaxdpo.models.qwen2_5_vl import convert as qwen_convert
 from jaxdpo.models.qwen2_5_vl.model import Qwen2Decoder
+from jaxdpo.models.qwen2_5_vl.vl_model import Qwen2_5_VL
 
 QWEN2 = registry.register(registry.Family(
     name="qwen2",
@@ -18,4 +19,18 @@ QWEN2 = registry.register(registry.Family(
     normalize_key=qwen_convert.qwen2_normalize_key,
     denormalize_key=lambda k: k,
     presets=qwen_config.PRESETS,
+))
+
+QWEN2_5_VL = registry.register(registry.Family(
+    name="qwen2_5_vl",
+    # Nanonets-OCR2-3B declares the same architecture.
+    hf_architectures=("Qwen2_5_VLForConditionalGeneration",),
+    config_cls=qwen_config.Qwen2_5_VLConfig,
+    config_from_hf=qwen_convert.vl_config_from_hf,
+    build=lambda cfg, rngs, param_dtype, attention_impl=None: Qwen2_5_VL(
+        cfg, rngs=rngs, param_dtype=param_dtype, attention_impl=attention_impl),
+    rules=qwen_convert.vl_rules,
+    normalize_key=qwen_convert.vl_normalize_key,
+    denormalize_key=qwen_convert.vl_denormalize_key,
+    presets=qwen_config.VL_PRESETS,
 ))

@@ -130,6 +130,82 @@ class Qwen2Decoder(nnx.Module):
         new_cache.append(c)
     return self.norm(x_BTD), new_cache
 
+  # ------------------------------------------------------------------------------------------
+  # Generation protocol (driven by `jaxdpo.generate`). The cache is a plain dict:
+  #   kv            list over layers of (k [B, S, K, H], v [B, S, K, H])
+  #   index         int32 scalar, the next cache slot to write (shared by all rows)
+  #   segment_ids   int32 [B, S], 1 for slots holding real tokens, 0 for padding / unwritten
+  #   next_position int32 [B], the rotary position of the next token of each row
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
+    """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + new)."""
+    cfg = self.config
+    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_size)
+    return {
+        "kv": [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)],
+        "index": jnp.zeros((), jnp.int32),
+        "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
+        "next_position": jnp.zeros((batch_size,), jnp.int32),
+    }
+
+  def cached_forward(self, *, positions, segment_ids, cache: dict, input_ids=None, inputs_embeds=None):
+    """Runs T new tokens per row against the cache and appends their keys/values.
+
+    The new tokens occupy slots [index, index + T). They see every earlier real slot and,
+    causally, each other; padding (segment 0) is never attended. Family wrappers (e.g. the
+    vision-language model) reuse this with spliced `inputs_embeds` and M-RoPE positions.
+
+    Args:
+      positions: int [B, T] or [3, B, T] rotary positions of the new tokens.
+      segment_ids: int [B, T]; non-zero marks real tokens.
+      cache: the dict from `init_cache`.
+      input_ids / inputs_embeds: exactly one, as in `__call__`.
+
+    Returns:
+      (hidden [B, T, D] after the final norm, updated cache; `next_position` is left to the
+      caller, which knows how positions advance).
+    """
+    seg_BT = (segment_ids != 0).astype(jnp.int32)
+    b, t = seg_BT.shape
+    index = cache["index"]
+    kv_seg_BS = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], seg_BT, index, axis=1)
+    s = kv_seg_BS.shape[1]
+    # Causality follows cache slots, which keep each left-padded row in order.
+    q_index_BT = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv_index_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    # Padded queries get segment 1 so that their (unused) rows are never fully masked.
+    mask_BTS = layers.attention_mask(jnp.ones_like(seg_BT), kv_seg_BS, q_index_BT, kv_index_BS)
+    h_BTD, kv = self(positions=positions, segment_ids=seg_BT, input_ids=input_ids, inputs_embeds=inputs_embeds,
+                     attn_mask=mask_BTS, kv_cache=cache["kv"], cache_index=index)
+    new_cache = dict(cache, kv=kv, index=index + t, segment_ids=kv_seg_BS)
+    return h_BTD, new_cache
+
+  def prefill(self, inputs: dict, cache: dict):
+    """Runs a left-padded prompt into an empty cache.
+
+    Args:
+      inputs: `input_ids` and `segment_ids`, int [B, T], left-padded (1 real, 0 pad).
+      cache: from `init_cache` with max_len >= T.
+
+    Returns:
+      (fp32 logits [B, V] at the last prompt position, cache).
+    """
+    seg_BT = (inputs["segment_ids"] != 0).astype(jnp.int32)
+    # Positions count real tokens only, as transformers derives them from the attention mask.
+    positions_BT = jnp.maximum(jnp.cumsum(seg_BT, axis=1) - 1, 0)
+    h_BTD, cache = self.cached_forward(positions=positions_BT, segment_ids=seg_BT, cache=cache,
+                                       input_ids=inputs["input_ids"])
+    cache["next_position"] = positions_BT[:, -1] + 1
+    return self.logits(h_BTD[:, -1:])[:, 0].astype(jnp.float32), cache
+
+  def decode(self, tokens_B, cache: dict):
+    """Feeds one token per row; returns (fp32 logits [B, V] for the next token, cache)."""
+    positions_BT = cache["next_position"][:, None]
+    h_BTD, cache = self.cached_forward(positions=positions_BT, segment_ids=jnp.ones_like(positions_BT),
+                                       cache=cache, input_ids=tokens_B[:, None])
+    cache["next_position"] = cache["next_position"] + 1
+    return self.logits(h_BTD)[:, 0].astype(jnp.float32), cache
+
   def hidden_states(self, inputs: dict):
     """The model-family-neutral entry used by DPO/SFT steps: inputs dict -> hidden [B, T, D].
 
@@ -138,3 +214,88 @@ class Qwen2Decoder(nnx.Module):
     h_BTD, _ = self(input_ids=inputs["input_ids"], positions=inputs["positions"],
                     segment_ids=inputs["segment_ids"])
     return h_BTD
+
+  # --------------------------------------------------------------------------------------------
+  # Generation protocol (see `jaxdpo.generate`): left-padded prompts, a preallocated KV cache.
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
+    """An empty cache for `max_len` slots.
+
+    Layout: `kv` per-layer (k, v) [B, S, K, H]; `index` int32 next slot to write; `segment_ids`
+    int32 [B, S] of the written slots (0 = padding or not yet written, never attended);
+    `next_positions` int32 [3, B] rotary position of the next token on each M-RoPE stream
+    (1D RoPE reads stream 0).
+    """
+    cfg = self.config
+    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_size)
+    return {
+        "kv": [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)],
+        "index": jnp.zeros((), jnp.int32),
+        "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
+        "next_positions": jnp.zeros((3, batch_size), jnp.int32),
+    }
+
+  def extend(self, x_BTD, positions, segment_ids, cache: dict):
+    """Runs T new tokens (embedded) against the cache, writing their keys and values.
+
+    Args:
+      x_BTD: input embeddings.
+      positions: int [B, T] or [3, B, T] rotary positions of the new tokens.
+      segment_ids: int [B, T]; 0 = padding.
+      cache: from `init_cache` or a previous call.
+
+    Returns:
+      (hidden [B, T, D] after the final norm, updated cache). `next_positions` is left unchanged.
+    """
+    b, t = segment_ids.shape
+    s = cache["segment_ids"].shape[1]
+    index = cache["index"]
+    kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
+    q_index = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    mask = layers.attention_mask(segment_ids, kv_segments, q_index, kv_index)
+    h_BTD, kv = self(positions=positions, segment_ids=segment_ids, inputs_embeds=x_BTD, attn_mask=mask,
+                     kv_cache=cache["kv"], cache_index=index)
+    return h_BTD, dict(cache, kv=kv, index=index + t, segment_ids=kv_segments)
+
+  def prefill_embeds(self, x_BTD, positions, segment_ids, cache: dict):
+    """Prefill from embeddings (the VL model splices images in first); see `prefill`."""
+    h_BTD, cache = self.extend(x_BTD, positions, segment_ids, cache)
+    last = positions[..., -1]  # left padding: the last column is a real token in every row
+    last_3B = jnp.broadcast_to(last, (3,) + last.shape[-1:]) if last.ndim == 1 else last
+    cache["next_positions"] = (last_3B + 1).astype(jnp.int32)
+    return self.logits(h_BTD[:, -1:])[:, 0].astype(jnp.float32), cache
+
+  def prefill(self, inputs: dict, cache: dict):
+    """Processes a left-padded prompt batch.
+
+    Args:
+      inputs: `input_ids`, `segment_ids` int [B, T]; optional `positions` ([B, T], or [3, B, T]
+        for M-RoPE). Default positions count real tokens (`cumsum(segment_ids != 0) - 1`, 0 on
+        padding), as transformers' `generate` derives them from the attention mask.
+      cache: an empty cache from `init_cache`.
+
+    Returns:
+      (fp32 logits [B, V] at the last prompt position, cache).
+    """
+    segment_ids = inputs["segment_ids"]
+    positions = inputs.get("positions")
+    if positions is None:
+      positions = text_positions(segment_ids)
+    return self.prefill_embeds(self.embed(inputs["input_ids"]), positions, segment_ids, cache)
+
+  def decode(self, tokens_B, cache: dict):
+    """Appends one token per row; returns (fp32 logits [B, V], cache)."""
+    # The new token joins the segment of the last written slot (the prompt's).
+    segment_B1 = jax.lax.dynamic_slice_in_dim(cache["segment_ids"], cache["index"] - 1, 1, axis=1)
+    pos_3B = cache["next_positions"]
+    positions = pos_3B[:, :, None] if self.config.mrope_section is not None else pos_3B[0][:, None]
+    h_B1D, cache = self.extend(self.embed(tokens_B[:, None]), positions, segment_B1, cache)
+    cache["next_positions"] = pos_3B + 1
+    return self.logits(h_B1D)[:, 0].astype(jnp.float32), cache
+
+
+def text_positions(segment_ids):
+  """1D positions counting real tokens of each row: `cumsum(segment_ids != 0) - 1`, 0 on padding."""
+  real = (segment_ids != 0).astype(jnp.int32)
+  return jnp.where(real > 0, jnp.cumsum(real, axis=1) - 1, 0)

@@ -1,0 +1,159 @@
+"""Loading and validating records.
+
+Records come from local JSONL / JSON / Parquet files (loaded with `datasets`) or from a hub
+dataset name. Every record is validated before anything is trained on it; an error names the
+file, the line (1-based, for JSONL) or row, and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+
+
+class DataError(ValueError):
+  """A record, file or tokenizer that cannot be used; the message says where and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """A validated record and where it came from ("file.jsonl:12")."""
+
+  where: str
+  fields: dict[str, Any]
+
+
+def _scan_jsonl(path: str) -> list[int]:
+  """Checks every line is a JSON object; returns the line numbers of the records.
+
+  `datasets`' JSON reader reports malformed input without a line number, so this cheap pass
+  runs first and names the line.
+  """
+  lines = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+      if not isinstance(obj, dict):
+        raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
+      lines.append(n)
+  return lines
+
+
+def load_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
+  """Loads raw rows with `datasets`; returns (location, row) pairs.
+
+  Args:
+    source: a local .jsonl/.json/.parquet file, or a hub dataset name ("org/name").
+    split: the split to read from a hub dataset.
+  """
+  import datasets  # heavy import, only when loading
+
+  datasets.disable_progress_bars()
+  if os.path.isfile(source):
+    ext = os.path.splitext(source)[1].lower()
+    if ext in (".jsonl", ".json"):
+      line_numbers = _scan_jsonl(source) if ext == ".jsonl" else None
+      if line_numbers == []:
+        raise DataError(f"{source}: no records")
+      ds = datasets.load_dataset("json", data_files=source, split="train")
+    elif ext == ".parquet":
+      ds = datasets.load_dataset("parquet", data_files=source, split="train")
+      line_numbers = None
+    else:
+      raise DataError(f"{source}: unsupported file type {ext!r}; use .jsonl, .json or .parquet")
+    rows = ds.to_list()
+    where = [f"{source}:{n}" for n in line_numbers] if line_numbers else [f"{source}:row {i}" for i in
+                                                                          range(len(rows))]
+    return list(zip(where, rows))
+  if os.path.exists(source) or source.startswith((".", "/")) or source.count("/") != 1:
+    raise DataError(f"{source}: no such data file (and not a hub dataset name like 'org/name')")
+  ds = datasets.load_dataset(source, split=split)  # real hub loading; tests use local files only
+  return [(f"{source}[{split}]:row {i}", row) for i, row in enumerate(ds)]
+
+
+def _check_text_or_messages(value, where: str, field: str, *, completion: bool):
+  if isinstance(value, str):
+    if completion and not value.strip():
+      raise DataError(f"{where}: field '{field}' is an empty completion")
+    return
+  if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+    for i, m in enumerate(value):
+      if "role" not in m or "content" not in m:
+        raise DataError(f"{where}: field '{field}' message {i} needs 'role' and 'content'")
+    if completion and not any(_content_text(m["content"]).strip() for m in value):
+      raise DataError(f"{where}: field '{field}' is an empty completion")
+    return
+  if isinstance(value, list) and not value:
+    raise DataError(f"{where}: field '{field}' is an empty " + ("completion" if completion else "message list"))
+  raise DataError(f"{where}: field '{field}' must be a string or a list of chat messages, got "
+                  f"{type(value).__name__}")
+
+
+def _content_text(content) -> str:
+  if isinstance(content, str):
+    return content
+  if isinstance(content, list):  # multimodal content parts
+    return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+  return ""
+
+
+def validate_preference(where: str, row: dict) -> Record:
+  """Validates a `{"prompt", "chosen", "rejected", "images"?}` row."""
+  for field in PREFERENCE_FIELDS:
+    if field not in row or row[field] is None:
+      raise DataError(f"{where}: record has no '{field}' field")
+  _check_text_or_messages(row["prompt"], where, "prompt", completion=False)
+  _check_text_or_messages(row["chosen"], where, "chosen", completion=True)
+  _check_text_or_messages(row["rejected"], where, "rejected", completion=True)
+  _check_images(row, where)
+  return Record(where, {k: row[k] for k in (*PREFERENCE_FIELDS, "images") if k in row and row[k] is not None})
+
+
+def validate_completion(where: str, row: dict, *, completion_field: str = "completion",
+                        require_completion: bool = True) -> Record:
+  """Validates a `{"prompt", "completion"|"reference", "images"?}` row (SFT and eval)."""
+  if "prompt" not in row or row["prompt"] is None:
+    raise DataError(f"{where}: record has no 'prompt' field")
+  _check_text_or_messages(row["prompt"], where, "prompt", completion=False)
+  if require_completion:
+    if completion_field not in row or row[completion_field] is None:
+      raise DataError(f"{where}: record has no '{completion_field}' field")
+  if row.get(completion_field) is not None:
+    _check_text_or_messages(row[completion_field], where, completion_field, completion=True)
+  _check_images(row, where)
+  keep = ("prompt", completion_field, "images")
+  return Record(where, {k: row[k] for k in keep if k in row and row[k] is not None})
+
+
+def _check_images(row: dict, where: str):
+  images = row.get("images")
+  if images is None:
+    return
+  if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+    raise DataError(f"{where}: field 'images' must be a list of image paths")
+
+
+def load_preferences(source: str, split: str = "train") -> list[Record]:
+  """Loads and validates a preference dataset."""
+  return [validate_preference(w, r) for w, r in load_rows(source, split)]
+
+
+def resolve_image_paths(record: Record, paths: Sequence[str], base_dir: str) -> list[str]:
+  """Image paths relative to the data file's directory; missing files name the record."""
+  out = []
+  for p in paths:
+    full = p if os.path.isabs(p) else os.path.join(base_dir, p)
+    if not os.path.exists(full):
+      raise DataError(f"{record.where}: field 'images': file not found: {full}")
+    out.append(full)
+  return out

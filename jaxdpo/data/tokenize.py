@@ -1,0 +1,124 @@
+"""Tokenizing records with the model's own tokenizer and chat template.
+
+Completions are found the way TRL finds them: the prompt is rendered alone (with the
+generation prompt) and together with the completion; the completion is what follows the
+common prefix. Masks are spans, kept as explicit lengths, never recovered from pad ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from jaxdpo.data.records import DataError, Record
+
+TRUNCATION_MODES = ("keep_end", "keep_start", "off")
+
+
+def load_tokenizer(path: str):
+  """`transformers.AutoTokenizer` from a local directory, with a clear error if it is missing."""
+  if not path or not os.path.isdir(path):
+    raise DataError(f"tokenizer directory {path!r} does not exist (config data.tokenizer)")
+  from transformers import AutoTokenizer
+  try:
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+  except Exception as e:  # transformers raises OSError/ValueError/... for broken dirs
+    raise DataError(f"tokenizer directory {path!r} cannot be loaded: {e}") from e
+  if tok.eos_token_id is None:
+    raise DataError(f"tokenizer {path!r} has no eos_token; set one in tokenizer_config.json")
+  return tok
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+  n = 0
+  for x, y in zip(a, b):
+    if x != y:
+      break
+    n += 1
+  return n
+
+
+def _as_messages(value, role: str):
+  return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
+def _ids(tok, text_or_messages, *, add_generation_prompt: bool = False, chat: bool) -> list[int]:
+  if chat:
+    out = tok.apply_chat_template(text_or_messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+      out = out["input_ids"]
+    return list(out)
+  return list(tok(text_or_messages, add_special_tokens=False)["input_ids"])
+
+
+def prompt_and_completion(tok, prompt, completion, *, use_chat_template: bool) -> tuple[list[int], list[int]]:
+  """Token ids of the prompt and of the completion that follows it.
+
+  With a chat template, string prompts/completions become a user/assistant turn. Without
+  one, the text is concatenated and the EOS token is appended to the completion (TRL's
+  convention), so that the model learns to stop.
+  """
+  chat = use_chat_template and (isinstance(prompt, list) or bool(getattr(tok, "chat_template", None)))
+  if chat:
+    p_msgs = _as_messages(prompt, "user")
+    c_msgs = _as_messages(completion, "assistant")
+    prompt_ids = _ids(tok, p_msgs, add_generation_prompt=True, chat=True)
+    full_ids = _ids(tok, p_msgs + c_msgs, chat=True)
+  else:
+    if isinstance(prompt, list) or isinstance(completion, list):
+      raise DataError("chat-message records need a tokenizer with a chat template")
+    text = completion if completion.endswith(tok.eos_token) else completion + tok.eos_token
+    prompt_ids = _ids(tok, prompt, chat=False)
+    full_ids = _ids(tok, prompt + text, chat=False)
+  n = _common_prefix(prompt_ids, full_ids)
+  return prompt_ids[:n], full_ids[n:]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedPair:
+  """Token ids of one preference pair (the prompt is shared by both completions)."""
+
+  where: str
+  prompt: list[int]
+  chosen: list[int]
+  rejected: list[int]
+  images: tuple[str, ...] = ()
+  ref_logps: tuple[float, float] | None = None  # cached reference log-probs (chosen, rejected)
+
+
+def fit(prompt: list[int], completions: list[list[int]], *, max_length: int, truncation: str,
+        max_prompt_length: int | None, where: str):
+  """Truncates a prompt (and if needed the completions) so every prompt+completion fits.
+
+  `keep_end` drops the start of the prompt (the end is nearest the answer); `keep_start` drops
+  its end. With `off`, an over-long record is an error naming the record.
+  """
+  if truncation not in TRUNCATION_MODES:
+    raise DataError(f"data.truncation={truncation!r}; expected one of {TRUNCATION_MODES}")
+  longest = max(len(c) for c in completions)
+  if len(prompt) + longest <= max_length:
+    return prompt, completions
+  if truncation == "off":
+    raise DataError(f"{where}: field 'prompt': prompt ({len(prompt)} tokens) plus completion ({longest} tokens) "
+                    f"exceeds max_length={max_length} and data.truncation is 'off'")
+  budget = max(max_length - longest, min(len(prompt), max_prompt_length or max_length // 2), 1)
+  budget = min(budget, len(prompt), max_length - 1)
+  prompt = prompt[len(prompt) - budget:] if truncation == "keep_end" else prompt[:budget]
+  completions = [c[:max_length - len(prompt)] for c in completions]
+  return prompt, completions
+
+
+def tokenize_preference(tok, record: Record, *, max_length: int, truncation: str = "keep_end",
+                        max_prompt_length: int | None = None, use_chat_template: bool = True) -> TokenizedPair:
+  """Tokenizes and fits one validated preference record."""
+  f = record.fields
+  p_c, chosen = prompt_and_completion(tok, f["prompt"], f["chosen"], use_chat_template=use_chat_template)
+  p_r, rejected = prompt_and_completion(tok, f["prompt"], f["rejected"], use_chat_template=use_chat_template)
+  prompt = p_c[:_common_prefix(p_c, p_r)]
+  chosen = p_c[len(prompt):] + chosen
+  rejected = p_r[len(prompt):] + rejected
+  if not chosen or not rejected:
+    raise DataError(f"{record.where}: field '{'chosen' if not chosen else 'rejected'}' tokenizes to nothing")
+  prompt, (chosen, rejected) = fit(prompt, [chosen, rejected], max_length=max_length, truncation=truncation,
+                                   max_prompt_length=max_prompt_length, where=record.where)
+  return TokenizedPair(record.where, prompt, chosen, rejected, tuple(f.get("images", ())))

@@ -1,0 +1,124 @@
+"""`config.job = "dpo"`: data -> tokenized pairs -> sharded DPO steps -> checkpoints and metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxdpo import model_setup, optim, train
+from jaxdpo import sharding as shd
+from jaxdpo.data import pipeline, records, tokenize
+from jaxdpo.dpo import losses, step as step_lib
+
+log = logging.getLogger("jaxdpo")
+
+
+def loss_config(config) -> losses.DPOLossConfig:
+  d = config.dpo
+  return losses.DPOLossConfig(loss_type=d.loss_type, beta=d.beta, label_smoothing=d.label_smoothing,
+                              rpo_alpha=d.rpo_alpha, reference_free=d.reference_free)
+
+
+def step_config(config, model_cfg) -> step_lib.StepConfig:
+  return step_lib.StepConfig(loss=loss_config(config),
+                             compute_dtype=model_setup.dtype_of(config.model.compute_dtype),
+                             grad_accum=config.train.grad_accum, logprob_chunk=config.train.logprob_chunk,
+                             logit_softcap=getattr(model_cfg, "final_logit_softcapping", None))
+
+
+def tokenize_preferences(source: str, tok, config, *, desc: str) -> list[tokenize.TokenizedPair]:
+  """Loads, validates and tokenizes every record up front: bad input stops the job before training."""
+  recs = records.load_preferences(source, config.data.split)
+  dcfg = config.data
+  out = []
+  for r in tqdm(recs, desc=f"tokenize {desc}", disable=not config.train.progress or jax.process_index() != 0):
+    out.append(tokenize.tokenize_preference(tok, r, max_length=dcfg.max_length, truncation=dcfg.truncation,
+                                            max_prompt_length=dcfg.max_prompt_length or None,
+                                            use_chat_template=dcfg.use_chat_template))
+  return out
+
+
+def check_vocab(tok, model_cfg, where: str):
+  vocab = getattr(model_cfg, "vocab_size", None) or getattr(getattr(model_cfg, "text", None), "vocab_size", None)
+  if vocab is not None and len(tok) > vocab:
+    raise records.DataError(f"{where}: tokenizer has {len(tok)} tokens but the model's vocabulary is {vocab}")
+
+
+def precompute_reference(bundle, examples, scfg, mesh, batch_size: int, collate, desc: str):
+  """Reference log-probs of every pair, computed once by the initial policy (no reference in memory later)."""
+  fn = jax.jit(lambda p, b: step_lib.pair_logps(bundle.graphdef, p, b, scfg)[0])
+  out = []
+  for i in tqdm(range(0, len(examples), batch_size), desc=f"reference {desc}", disable=jax.process_index() != 0):
+    chunk = list(examples[i:i + batch_size])
+    n = len(chunk)
+    chunk += [chunk[-1]] * (batch_size - n)  # pad the last batch to the compiled shape
+    logps = np.asarray(jax.device_get(fn(bundle.params, shd.put_batch(collate(chunk), mesh))))
+    out.extend(tuple(map(float, row)) for row in logps[:n])
+  return [dataclasses.replace(e, ref_logps=r) for e, r in zip(examples, out)]
+
+
+def run(config, workdir: str) -> dict:
+  """Runs the DPO job; returns the last logged metrics."""
+  rules = model_setup.parse_rules(config.sharding_rules)
+  mesh = shd.make_mesh(config.mesh)
+  shd.check_batch(config.train.batch_size, mesh, rules)
+  if config.train.batch_size % config.train.grad_accum:
+    raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by "
+                     f"config.train.grad_accum={config.train.grad_accum}")
+  if config.dpo.reference not in ("model", "cached"):
+    raise ValueError(f"config.dpo.reference={config.dpo.reference!r}; expected 'model' or 'cached'")
+  tok = tokenize.load_tokenizer(config.data.tokenizer)
+  train_examples = tokenize_preferences(config.data.train, tok, config, desc="train")
+  eval_examples = tokenize_preferences(config.data.eval, tok, config, desc="eval") if config.data.eval else []
+
+  bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed)
+  check_vocab(tok, bundle.config, config.data.tokenizer)
+  scfg = step_config(config, bundle.config)
+  pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  collate = lambda b: pipeline.collate_pairs(b, max_length=config.data.max_length, pad_id=pad_id)
+  pc, pi = jax.process_count(), jax.process_index()
+  local_batch = config.train.batch_size // pc
+
+  ref_params = None
+  if not config.dpo.reference_free:
+    if config.dpo.reference == "cached":
+      train_examples = precompute_reference(bundle, train_examples, scfg, mesh, config.train.batch_size, collate,
+                                            "train")
+      if eval_examples:
+        eval_examples = precompute_reference(bundle, eval_examples, scfg, mesh, config.train.batch_size, collate,
+                                             "eval")
+    else:
+      # A frozen copy of the initial policy: separate buffers, since the train state is donated.
+      ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p),
+                           out_shardings=bundle.param_shardings)(bundle.params)
+
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
+  opt_state = train.init_opt_state(tx, bundle.params, mesh)
+  state = {"step": train.scalar_state(0, mesh), "params": bundle.params, "opt_state": opt_state}
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  ref_sh = None if ref_params is None else bundle.param_shardings
+  step_fn = step_lib.make_train_step(bundle.graphdef, tx, scfg, mesh, state_sh, ref_sh, schedule)
+
+  iterator = pipeline.make_iterator(train_examples, batch_size=local_batch, collate=collate, seed=config.seed,
+                                    shuffle=config.data.shuffle, process_index=pi, process_count=pc)
+  eval_fn = None
+  if eval_examples:
+    eval_step = step_lib.make_eval_step(bundle.graphdef, scfg, mesh, bundle.param_shardings, ref_sh)
+
+    def eval_fn(params):
+      it = pipeline.make_iterator(eval_examples, batch_size=local_batch, collate=collate, seed=0, shuffle=False,
+                                  process_index=pi, process_count=pc, num_epochs=1)
+      sums, n = {}, 0
+      for batch, _ in zip(it, range(config.train.eval_batches)):
+        m = jax.device_get(eval_step(params, ref_params, shd.put_batch(batch, mesh)))
+        for k, v in m.items():
+          sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+      return {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
+
+  spec = train.LoopSpec(step_fn=step_fn, state=state, ref=ref_params, iterator=iterator, eval_fn=eval_fn, desc="dpo")
+  return train.run_loop(config, workdir, mesh, spec)

@@ -1,0 +1,150 @@
+"""The DPO train and eval steps: one `jax.jit` each, sharded over the mesh, state donated.
+
+Batch layout (host numpy, produced by `jaxdpo.data.pipeline`): every array has a leading
+pair axis B and a second axis of size 2 (chosen, rejected):
+  input_ids   int32 [B, 2, T]
+  segment_ids int32 [B, 2, T]   1 for real tokens, 0 for padding
+  positions   int32 [B, 2, T]
+  loss_mask   int32 [B, 2, T]   1 on completion tokens
+  ref_logps   fp32  [B, 2]      optional: cached reference log-probs
+Chosen and rejected of a pair stay on the same device (the pair axis is the sharded one), so
+per-pair work such as a vision tower can later run once per pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxdpo import sharding as shd
+from jaxdpo.dpo import logprobs, losses
+
+PAIR_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
+METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static configuration of the DPO step."""
+
+  loss: losses.DPOLossConfig
+  compute_dtype: jnp.dtype = jnp.float32
+  grad_accum: int = 1
+  logprob_chunk: int = 256
+  logit_softcap: float | None = None
+
+
+def flatten_pairs(batch: dict) -> dict:
+  """[B, 2, ...] -> [2B, ...] with rows (c0, r0, c1, r1, ...)."""
+  return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items() if k in PAIR_KEYS}
+
+
+def pair_logps(graphdef, params, batch, cfg: StepConfig):
+  """Summed completion log-probs [B, 2], per-token log-probs [B, 2, T-1], token counts [B, 2]."""
+  params = jax.tree.map(lambda p: p.astype(cfg.compute_dtype), params)
+  model = nnx.merge(graphdef, params)
+  flat = flatten_pairs(batch)
+  h_BTD = model.hidden_states(flat)
+  seq, per_tok, counts = logprobs.completion_logps(h_BTD, model.unembedding(), flat["input_ids"], flat["loss_mask"],
+                                                   chunk_size=cfg.logprob_chunk, logit_softcap=cfg.logit_softcap)
+  b = batch["input_ids"].shape[0]
+  return seq.reshape(b, 2), per_tok.reshape(b, 2, -1), counts.reshape(b, 2)
+
+
+def loss_terms(params, ref_params, batch, graphdef, cfg: StepConfig, n_pairs, n_chosen_tokens):
+  """This micro-batch's share of the global loss and the metric sums.
+
+  The loss is normalised by the *global* pair and token counts, so summing the shares of
+  micro-batches gives exactly the loss (and gradient) of the whole batch.
+  """
+  seq, per_tok, counts = pair_logps(graphdef, params, batch, cfg)
+  if "ref_logps" in batch:
+    ref = batch["ref_logps"].astype(jnp.float32)
+  elif cfg.loss.reference_free:
+    ref = jnp.zeros_like(seq)
+  else:
+    ref, _, _ = pair_logps(graphdef, jax.lax.stop_gradient(ref_params), batch, cfg)
+    ref = jax.lax.stop_gradient(ref)
+  pl, ratio_c, ratio_r = losses.pair_losses(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],
+                                            cfg.loss)
+  loss = pl.sum() / n_pairs
+  if cfg.loss.rpo_alpha:
+    # TRL's "sft" term: mean NLL over every chosen completion token of the batch.
+    loss = loss + cfg.loss.rpo_alpha * (-per_tok[:, 0].sum()) / jnp.maximum(n_chosen_tokens, 1.0)
+  sums = losses.metric_sums(pl, ratio_c, ratio_r, seq[:, 0], seq[:, 1], cfg.loss.beta)
+  return loss, sums
+
+
+def _micro_batches(batch: dict, n: int) -> dict:
+  # Row j*n + a goes to micro-batch a: the sharded leading axis keeps its layout, so splitting
+  # needs no communication.
+  return {k: jnp.moveaxis(v.reshape((v.shape[0] // n, n) + v.shape[1:]), 1, 0) for k, v in batch.items()}
+
+
+def accumulate(params, ref_params, batch, graphdef, cfg: StepConfig, with_grad: bool):
+  """Loss, metric means and (optionally) gradients over `cfg.grad_accum` micro-batches."""
+  n_pairs = batch["input_ids"].shape[0]
+  if n_pairs % cfg.grad_accum:
+    raise ValueError(f"batch of {n_pairs} pairs is not divisible by grad_accum={cfg.grad_accum}")
+  n_chosen_tokens = batch["loss_mask"][:, 0, 1:].astype(jnp.float32).sum()
+  fn = lambda p, mb: loss_terms(p, ref_params, mb, graphdef, cfg, n_pairs, n_chosen_tokens)
+  if with_grad:
+    fn = jax.value_and_grad(fn, has_aux=True)
+
+  def body(carry, mb):
+    out = fn(params, mb)
+    return jax.tree.map(jnp.add, carry, out), None
+
+  micro = _micro_batches(batch, cfg.grad_accum)
+  first = jax.tree.map(lambda x: x[0], micro)
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, params, first))
+  total, _ = jax.lax.scan(body, zeros, micro)
+  if with_grad:
+    (loss, sums), grads = total
+  else:
+    (loss, sums), grads = total, None
+  metrics = {k: v / n_pairs for k, v in sums.items()}
+  metrics["loss"] = loss
+  return loss, metrics, grads
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig, mesh, state_shardings,
+                    ref_shardings, schedule: Callable | None = None):
+  """Returns jitted `step(state, ref_params, batch) -> (state, metrics)`; `state` is donated.
+
+  `state` is {"step": int32 [], "params": pure dict, "opt_state": optax state}.
+  """
+  def step(state, ref_params, batch):
+    _, metrics, grads = accumulate(state["params"], ref_params, batch, graphdef, cfg, with_grad=True)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    if schedule is not None:
+      metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  batch_sh = _batch_shardings(mesh)
+  return jax.jit(step, in_shardings=(state_shardings, ref_shardings, batch_sh),
+                 out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
+
+
+def make_eval_step(graphdef, cfg: StepConfig, mesh, param_shardings, ref_shardings):
+  """Returns jitted `eval_step(params, ref_params, batch) -> metrics` (no gradients)."""
+  def eval_step(params, ref_params, batch):
+    _, metrics, _ = accumulate(params, ref_params, batch, graphdef, cfg, with_grad=False)
+    return metrics
+
+  return jax.jit(eval_step, in_shardings=(param_shardings, ref_shardings, _batch_shardings(mesh)),
+                 out_shardings=shd.replicated(mesh))
+
+
+def _batch_shardings(mesh):
+  # One sharding for every batch leaf: leading (pair) axis over the batch mesh axes. A
+  # PartitionSpec shorter than an array's rank leaves the trailing dims replicated.
+  return shd.NamedSharding(mesh, shd.P(shd.batch_sharding(mesh, 1).spec[0]))

@@ -1,0 +1,60 @@
+"""Metrics to stdout, `workdir/metrics.jsonl` and (optionally) TensorBoard; process 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to metrics.jsonl.
+
+  On resume, lines for steps after the restored checkpoint are dropped first: those steps
+  are about to be run again, and keeping both copies would double-count them.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = False):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if not self.enabled:
+      return
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError as e:
+        raise ImportError("config.train.tensorboard=True needs tensorboardX: pip install 'jaxdpo[tensorboard]'") from e
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    row = {"step": int(step)}
+    row.update({k: _scalar(v) for k, v in metrics.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self.tb is not None:
+      for k, v in row.items():
+        if k != "step" and isinstance(v, float) and math.isfinite(v):
+          self.tb.add_scalar(k, v, step)
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _scalar(v):
+  try:
+    return float(v)
+  except (TypeError, ValueError):
+    return v

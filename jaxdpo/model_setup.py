@@ -1,0 +1,79 @@
+"""Builds the policy for a job: from a preset (random init) or a converted checkpoint, sharded."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdpo import sharding as shd
+from jaxdpo.models import io, registry
+
+
+@dataclasses.dataclass
+class ModelBundle:
+  """A model split into its static graph and its (sharded) parameter tree."""
+
+  family: registry.Family
+  config: object
+  graphdef: object
+  params: dict
+  param_shardings: dict
+  abstract: object  # abstract nnx.State, for restoring
+
+
+def dtype_of(name: str):
+  try:
+    return jnp.dtype(name)
+  except TypeError as e:
+    raise ValueError(f"unknown dtype {name!r} (use float32 or bfloat16)") from e
+
+
+def attention_impl(name: str, compute_dtype) -> str | None:
+  """"" picks cuDNN on GPU for 16-bit compute (cuDNN has no fp32 path) and XLA otherwise."""
+  if name:
+    return name
+  if jax.default_backend() == "gpu" and jnp.dtype(compute_dtype).itemsize == 2:
+    return "cudnn"
+  return "xla"
+
+
+def parse_rules(spec: str):
+  """"" -> DEFAULT_RULES; "embed=fsdp,mlp=tensor,vocab=,batch=data+fsdp" -> a rules table."""
+  if not spec:
+    return shd.DEFAULT_RULES
+  table = dict(shd.DEFAULT_RULES)
+  for item in spec.split(","):
+    name, _, axes = item.partition("=")
+    axes_t = tuple(a for a in axes.split("+") if a)
+    for a in axes_t:
+      if a not in shd.MESH_AXES:
+        raise ValueError(f"config.sharding_rules: {item!r} names unknown mesh axis {a!r}")
+    table[name.strip()] = axes_t or None
+  return tuple(table.items())
+
+
+def setup_model(model_cfg, mesh, rules, *, seed: int) -> ModelBundle:
+  """Creates or loads the policy directly into its sharding (never whole on one host)."""
+  param_dtype = dtype_of(model_cfg.param_dtype)
+  impl = attention_impl(model_cfg.attention_impl, dtype_of(model_cfg.compute_dtype))
+  if model_cfg.checkpoint:
+    family, cfg = io.read_model_meta(model_cfg.checkpoint)
+  else:
+    family = registry.get_family(model_cfg.family)
+    if model_cfg.preset not in family.presets:
+      raise ValueError(f"config.model.preset={model_cfg.preset!r} is not a {family.name} preset; "
+                       f"known: {sorted(family.presets)}")
+    cfg = family.presets[model_cfg.preset]()
+  graphdef, abstract = io.build_abstract(family, cfg, param_dtype, impl)
+  p_sh = shd.param_shardings(abstract, rules, mesh)
+  if model_cfg.checkpoint:
+    params = io.load_params(model_cfg.checkpoint, abstract, shardings=p_sh, dtype=param_dtype).to_pure_dict()
+  else:
+    def init():
+      model = family.build(cfg, nnx.Rngs(seed), param_dtype, impl)
+      return nnx.split(model, nnx.Param)[1].to_pure_dict()
+    params = jax.jit(init, out_shardings=p_sh)()
+  return ModelBundle(family, cfg, graphdef, params, p_sh, abstract)

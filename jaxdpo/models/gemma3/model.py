@@ -1,0 +1,285 @@
+"""Flax nnx port of the Gemma 3 text decoder (`Gemma3TextModel` + tied LM head).
+
+Held to transformers' `Gemma3ForCausalLM` and to the language model of
+`Gemma3ForConditionalGeneration` (transformers 5.24.0) by the parity tests. What differs from
+the Qwen2 decoder:
+  * RMSNorm is `x̂ * (1 + w)` in fp32; four norms per block (input, post-attention,
+    pre-feedforward, post-feedforward) and q/k norms over the head dim, before RoPE;
+  * attention logits scaled by `query_pre_attn_scalar ** -0.5`;
+  * two layer kinds: local (sliding window, RoPE theta 1e4) and global (full, theta 1e6 with
+    linear scaling), as listed by `config.layer_types`;
+  * embeddings multiplied by sqrt(D) rounded to the weight dtype; GELU (tanh) gated MLP.
+
+Image tokens attend to each other bidirectionally within one image ("bidirectional groups",
+see `image_groups`), composed as transformers does: global layers OR(causal, same image); local
+layers AND(window, OR(causal, same image)); padding (segment 0) is never attended.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdpo.models import layers
+from jaxdpo.models.gemma3.config import FULL, SLIDING, Gemma3TextConfig
+
+
+def image_groups(is_image_BT):
+  """Bidirectional group ids [B, T]: 1, 2, ... per run of consecutive image tokens, 0 elsewhere.
+
+  transformers derives the same groups from `token_type_ids` (runs of 1s); the processor always
+  separates images by boi/eoi tokens, so one run is one image.
+  """
+  is_image_BT = is_image_BT.astype(bool)
+  prev_BT = jnp.pad(is_image_BT, ((0, 0), (1, 0)))[:, :-1]
+  starts_BT = is_image_BT & ~prev_BT
+  return jnp.where(is_image_BT, jnp.cumsum(starts_BT.astype(jnp.int32), axis=1), 0)
+
+
+class Attention(nnx.Module):
+  """GQA self-attention with q/k RMSNorm, per-layer-kind RoPE and optional sliding window."""
+
+  def __init__(self, cfg: Gemma3TextConfig, layer_type: str, *, rngs: nnx.Rngs, dtype, attention_impl):
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    def bias(*shape_axes):
+      if not cfg.attention_bias:
+        return {}
+      return dict(bias_shape=tuple(s for s, _ in shape_axes), bias_axes=tuple(a for _, a in shape_axes))
+    self.q = layers.Einsum("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"), rngs=rngs, dtype=dtype,
+                           **bias((n, "heads"), (h, "head_dim")))
+    self.k = layers.Einsum("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), rngs=rngs, dtype=dtype,
+                           **bias((k, "kv_heads"), (h, "head_dim")))
+    self.v = layers.Einsum("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), rngs=rngs, dtype=dtype,
+                           **bias((k, "kv_heads"), (h, "head_dim")))
+    self.o = layers.Einsum("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), rngs=rngs, dtype=dtype,
+                           **bias((d, "embed")))
+    self.q_norm = layers.RMSNorm(h, eps=cfg.rms_norm_eps, plus_one=True, rngs=rngs, dtype=dtype)
+    self.k_norm = layers.RMSNorm(h, eps=cfg.rms_norm_eps, plus_one=True, rngs=rngs, dtype=dtype)
+    self.layer_type = layer_type
+    self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
+    self.attention_impl = attention_impl
+
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None):
+    q_BTNH = layers.apply_rope(self.q_norm(self.q(x_BTD)), cos_BTH, sin_BTH)
+    k_BTKH = layers.apply_rope(self.k_norm(self.k(x_BTD)), cos_BTH, sin_BTH)
+    v_BTKH = self.v(x_BTD)
+    new_cache = None
+    if cache is not None:
+      # Write this call's keys/values at `cache_index` and attend over the whole cache; the
+      # mask (window included) decides which slots count.
+      k_BSKH = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BTKH.astype(cache[0].dtype), cache_index, axis=1)
+      v_BSKH = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BTKH.astype(cache[1].dtype), cache_index, axis=1)
+      new_cache = (k_BSKH, v_BSKH)
+      k_BTKH, v_BTKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+    out_BTNH = layers.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, scale=self.scale,
+                                            implementation=self.attention_impl)
+    return self.o(out_BTNH), new_cache
+
+
+class DecoderBlock(nnx.Module):
+  """x + post_attn_norm(attn(input_norm(x))); then x + post_ff_norm(mlp(pre_ff_norm(x)))."""
+
+  def __init__(self, cfg: Gemma3TextConfig, layer_type: str, *, rngs: nnx.Rngs, dtype, attention_impl):
+    def norm():
+      return layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, plus_one=True, rngs=rngs, dtype=dtype)
+    self.input_layernorm = norm()
+    self.self_attn = Attention(cfg, layer_type, rngs=rngs, dtype=dtype, attention_impl=attention_impl)
+    self.post_attention_layernorm = norm()
+    self.pre_feedforward_layernorm = norm()
+    self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.hidden_act, rngs=rngs,
+                               dtype=dtype)
+    self.post_feedforward_layernorm = norm()
+
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None):
+    attn_BTD, new_cache = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS, cache,
+                                         cache_index)
+    x_BTD = x_BTD + self.post_attention_layernorm(attn_BTD)
+    x_BTD = x_BTD + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x_BTD)))
+    return x_BTD, new_cache
+
+
+class Gemma3TextModel(nnx.Module):
+  """The Gemma 3 decoder with its (scaled) embedding and LM head.
+
+  `__call__` returns the final (normed) hidden states so that log-probs can be computed in
+  chunks against `unembedding()` without materialising [B, T, V] logits. When
+  `logit_softcap` is not None, `logits` applies `c * tanh(x / c)` and chunked log-prob code
+  must do the same (no Gemma 3 checkpoint sets it).
+  """
+
+  def __init__(self, cfg: Gemma3TextConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               attention_impl: str | None = None):
+    self.config = cfg
+    init = jax.nn.initializers.normal(0.02)
+    self.embed_tokens = layers.param(rngs, init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                                     param_dtype)
+    self.layers = nnx.List([DecoderBlock(cfg, t, rngs=rngs, dtype=param_dtype, attention_impl=attention_impl)
+                            for t in cfg.layer_types])
+    self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, plus_one=True, rngs=rngs, dtype=param_dtype)
+    if cfg.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = layers.param(rngs, init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
+    self.logit_softcap = cfg.final_logit_softcapping
+
+  # ------------------------------------------------------------------------------------------
+  # Embedding and head
+
+  def embed(self, ids_BT):
+    """Token embeddings [B, T, D] times sqrt(D), the factor rounded to the weight dtype first."""
+    table = self.embed_tokens[...]
+    # transformers keeps sqrt(D) as an fp32 tensor and casts it to the weight dtype (bf16 turns
+    # sqrt(2560) = 50.596 into 50.5); we round the same way, through fp32.
+    scale = jnp.asarray(np.float32(self.config.hidden_size ** 0.5)).astype(table.dtype)
+    return jnp.take(table, ids_BT, axis=0) * scale
+
+  def unembedding(self):
+    """The LM-head matrix [V, D] (the unscaled embedding when tied)."""
+    return (self.embed_tokens if self.lm_head is None else self.lm_head)[...]
+
+  def logits(self, h_BTD):
+    """Full logits; for tests and generation only (training uses chunked log-probs)."""
+    logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, self.unembedding().astype(h_BTD.dtype))
+    if self.logit_softcap is not None:
+      logits_BTV = jnp.tanh(logits_BTV / self.logit_softcap) * self.logit_softcap
+    return logits_BTV
+
+  # ------------------------------------------------------------------------------------------
+  # Forward
+
+  def rope_tables(self, positions_BT):
+    """(cos, sin) per layer kind, fp32 [B, T, H]."""
+    cfg = self.config
+    inv_freq = {
+        FULL: layers.rope_inv_freq(cfg.head_dim, cfg.rope_global_theta, cfg.rope_global_linear_factor),
+        SLIDING: layers.rope_inv_freq(cfg.head_dim, cfg.rope_local_theta, cfg.rope_local_linear_factor),
+    }
+    return {kind: layers.rope_cos_sin(positions_BT, inv) for kind, inv in inv_freq.items()}
+
+  def masks(self, q_segment_ids, kv_segment_ids, q_index=None, kv_index=None, groups_q=None, groups_kv=None):
+    """Boolean masks [B, T, S] for both layer kinds."""
+    kw = dict(bidirectional_q=groups_q, bidirectional_kv=groups_kv) if groups_q is not None else {}
+    return {
+        FULL: layers.attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, **kw),
+        SLIDING: layers.attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index,
+                                       sliding_window=self.config.sliding_window, **kw),
+    }
+
+  def __call__(self, *, positions, segment_ids, input_ids=None, inputs_embeds=None, image_groups_BT=None,
+               masks=None, kv_cache=None, cache_index=None):
+    """Runs the decoder.
+
+    Args:
+      positions: int [B, T] rotary positions.
+      segment_ids: int [B, T]; 0 marks padding, equal non-zero ids may attend (packing).
+      input_ids: int [B, T]; exclusive with `inputs_embeds`.
+      inputs_embeds: [B, T, D], already scaled (e.g. from `embed`, with image features spliced).
+      image_groups_BT: optional int [B, T] bidirectional groups (see `image_groups`).
+      masks: optional {layer kind: bool [B, T, S]} overriding the masks built from
+        `segment_ids` (generation passes masks that span the cache).
+      kv_cache: optional list of per-layer (k [B, S, K, H], v [B, S, K, H]).
+      cache_index: int scalar, where this call's keys/values are written in the cache.
+
+    Returns:
+      (hidden [B, T, D] after the final norm, new kv cache or None).
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    x_BTD = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+    rope = self.rope_tables(positions)
+    if masks is None:
+      masks = self.masks(segment_ids, segment_ids, groups_q=image_groups_BT, groups_kv=image_groups_BT)
+    new_cache = [] if kv_cache is not None else None
+    for i, block in enumerate(self.layers):
+      kind = block.self_attn.layer_type
+      layer_cache = None if kv_cache is None else kv_cache[i]
+      x_BTD, c = block(x_BTD, *rope[kind], masks[kind], layer_cache, cache_index)
+      if new_cache is not None:
+        new_cache.append(c)
+    return self.norm(x_BTD), new_cache
+
+  def hidden_states(self, inputs: dict):
+    """Family-neutral entry used by DPO/SFT steps: inputs dict -> hidden [B, T, D].
+
+    Keys: `input_ids`, `positions`, `segment_ids` (all int [B, T]).
+    """
+    h_BTD, _ = self(input_ids=inputs["input_ids"], positions=inputs["positions"],
+                    segment_ids=inputs["segment_ids"])
+    return h_BTD
+
+  # ------------------------------------------------------------------------------------------
+  # Generation protocol (driven by `jaxdpo.generate`). The cache is a plain dict:
+  #   kv            list over layers of (k [B, S, K, H], v [B, S, K, H]); sliding-window layers
+  #                 keep the full length too and apply the window in the mask, which is exact
+  #                 for any length (transformers keeps the last window-1 slots; same keys seen)
+  #   index         int32 scalar, the next cache slot to write (shared by all rows)
+  #   segment_ids   int32 [B, S], 1 for slots holding real tokens, 0 for padding / unwritten
+  #   next_position int32 [B], the rotary position of the next token of each row
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
+    """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + new)."""
+    cfg = self.config
+    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "kv": [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)],
+        "index": jnp.zeros((), jnp.int32),
+        "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
+        "next_position": jnp.zeros((batch_size,), jnp.int32),
+    }
+
+  def cached_forward(self, *, positions, segment_ids, cache: dict, input_ids=None, inputs_embeds=None,
+                     image_groups_BT=None):
+    """Runs T new tokens per row against the cache and appends their keys/values.
+
+    The new tokens occupy slots [index, index + T). They see earlier real slots (within the
+    window on local layers) and, causally or within their image, each other.
+
+    Returns:
+      (hidden [B, T, D] after the final norm, updated cache; `next_position` is left to the
+      caller).
+    """
+    seg_BT = (segment_ids != 0).astype(jnp.int32)
+    b, t = seg_BT.shape
+    index = cache["index"]
+    kv_seg_BS = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], seg_BT, index, axis=1)
+    s = kv_seg_BS.shape[1]
+    # Causality and windows follow cache slots, as transformers' do (left padding included).
+    q_index_BT = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv_index_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    groups_kv = None
+    if image_groups_BT is not None:
+      groups_kv = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, s), jnp.int32),
+                                                      image_groups_BT.astype(jnp.int32), index, axis=1)
+    # Padded queries get segment 1 so that their (unused) rows are not all masked.
+    masks = self.masks(jnp.ones_like(seg_BT), kv_seg_BS, q_index_BT, kv_index_BS, image_groups_BT, groups_kv)
+    h_BTD, kv = self(positions=positions, segment_ids=seg_BT, input_ids=input_ids, inputs_embeds=inputs_embeds,
+                     masks=masks, kv_cache=cache["kv"], cache_index=index)
+    return h_BTD, dict(cache, kv=kv, index=index + t, segment_ids=kv_seg_BS)
+
+  def prefill_embeds(self, inputs_embeds, segment_ids, cache: dict, image_groups_BT=None):
+    """Prefill from ready embeddings (shared by the text and the multimodal model)."""
+    seg_BT = (segment_ids != 0).astype(jnp.int32)
+    # Positions count real tokens only, as transformers derives them from the attention mask.
+    positions_BT = jnp.maximum(jnp.cumsum(seg_BT, axis=1) - 1, 0)
+    h_BTD, cache = self.cached_forward(positions=positions_BT, segment_ids=seg_BT, cache=cache,
+                                       inputs_embeds=inputs_embeds, image_groups_BT=image_groups_BT)
+    cache["next_position"] = positions_BT[:, -1] + 1
+    return self.logits(h_BTD[:, -1:])[:, 0].astype(jnp.float32), cache
+
+  def prefill(self, inputs: dict, cache: dict):
+    """Runs a left-padded prompt (`input_ids`, `segment_ids` int [B, T]) into an empty cache.
+
+    Returns:
+      (fp32 logits [B, V] at the last prompt position, cache).
+    """
+    return self.prefill_embeds(self.embed(inputs["input_ids"]), inputs["segment_ids"], cache)
+
+  def decode(self, tokens_B, cache: dict):
+    """Feeds one token per row; returns (fp32 logits [B, V] for the next token, cache)."""
+    positions_BT = cache["next_position"][:, None]
+    h_BTD, cache = self.cached_forward(positions=positions_BT, segment_ids=jnp.ones_like(positions_BT),
+                                       cache=cache, input_ids=tokens_B[:, None])
+    cache["next_position"] = cache["next_position"] + 1
+    return self.logits(h_BTD)[:, 0].astype(jnp.float32), cache

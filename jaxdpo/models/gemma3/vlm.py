@@ -1,0 +1,97 @@
+"""Gemma 3 vision-language model (transformers' `Gemma3ForConditionalGeneration`).
+
+Images under jit. `pixel_values` is [I, 3, S, S] with a static image count I that may include
+padding images (e.g. zeros) beyond those referenced. Image i fills, in order, the i-th run of
+`mm_tokens_per_image` image-placeholder tokens of the batch read row-major, exactly as
+transformers' `masked_scatter` does; unreferenced images are encoded and ignored. So the only
+bookkeeping is the placeholder ids themselves (`config.image_token_id`, as the processor
+writes them). Callers that encode images once for several rows (DPO's chosen and rejected
+share their prompt images) can pass `image_embeds` [I, M, D] from `encode_images` instead.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdpo.models.gemma3.config import Gemma3Config
+from jaxdpo.models.gemma3.model import Gemma3TextModel, image_groups
+from jaxdpo.models.gemma3.projector import MultiModalProjector
+from jaxdpo.models.gemma3.siglip import SiglipVisionModel
+
+
+class Gemma3VLM(nnx.Module):
+  """SigLIP -> projector -> Gemma 3 decoder, with the family-neutral and generation entries."""
+
+  def __init__(self, cfg: Gemma3Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               attention_impl: str | None = None):
+    self.config = cfg
+    self.vision_tower = SiglipVisionModel(cfg.vision, rngs=rngs, param_dtype=param_dtype,
+                                          attention_impl=attention_impl)
+    self.multi_modal_projector = MultiModalProjector(cfg, rngs=rngs, param_dtype=param_dtype)
+    self.language_model = Gemma3TextModel(cfg.text, rngs=rngs, param_dtype=param_dtype,
+                                          attention_impl=attention_impl)
+
+  def encode_images(self, pixel_values):
+    """Soft tokens [I, M, D] for images [I, 3, S, S] (normalised pixels)."""
+    return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+  def embed_inputs(self, inputs: dict):
+    """Text embeddings with image soft tokens spliced in, and the bidirectional image groups.
+
+    Returns:
+      (embeds [B, T, D] in the parameter dtype, image groups int [B, T] or None without images).
+    """
+    ids_BT = inputs["input_ids"]
+    seg_BT = inputs["segment_ids"]
+    is_image_BT = (ids_BT == self.config.image_token_id) & (seg_BT != 0)
+    # The placeholder id may lie outside the vocabulary (tiny configs); its row is replaced anyway.
+    x_BTD = self.language_model.embed(jnp.where(is_image_BT, 0, ids_BT))
+    if "image_embeds" in inputs:
+      feats_IMD = inputs["image_embeds"]
+    elif "pixel_values" in inputs:
+      feats_IMD = self.encode_images(inputs["pixel_values"])
+    else:
+      return x_BTD, None
+    b, t, d = x_BTD.shape
+    feats_ND = feats_IMD.reshape(-1, d).astype(x_BTD.dtype)
+    # k-th placeholder of the batch (row-major) <- k-th soft token, as masked_scatter does.
+    slot_BT = jnp.cumsum(is_image_BT.reshape(-1).astype(jnp.int32)).reshape(b, t) - 1
+    spliced_BTD = jnp.take(feats_ND, jnp.clip(slot_BT, 0, feats_ND.shape[0] - 1), axis=0)
+    x_BTD = jnp.where(is_image_BT[..., None], spliced_BTD, x_BTD)
+    return x_BTD, image_groups(is_image_BT)
+
+  def hidden_states(self, inputs: dict):
+    """Family-neutral entry used by DPO/SFT steps: inputs dict -> hidden [B, T, D].
+
+    Keys: `input_ids`, `segment_ids` (0 = pad), `positions` (all int [B, T]); optionally
+    `pixel_values` [I, 3, S, S] or `image_embeds` [I, M, D] (see the module docstring).
+    """
+    x_BTD, groups_BT = self.embed_inputs(inputs)
+    h_BTD, _ = self.language_model(inputs_embeds=x_BTD, positions=inputs["positions"],
+                                   segment_ids=inputs["segment_ids"], image_groups_BT=groups_BT)
+    return h_BTD
+
+  def unembedding(self):
+    return self.language_model.unembedding()
+
+  def logits(self, h_BTD):
+    return self.language_model.logits(h_BTD)
+
+  @property
+  def logit_softcap(self):
+    return self.language_model.logit_softcap
+
+  # Generation protocol: the text model's cache; images only enter through the prompt.
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
+    return self.language_model.init_cache(batch_size, max_len, dtype)
+
+  def prefill(self, inputs: dict, cache: dict):
+    """Left-padded prompt (`input_ids`, `segment_ids`, optional images) -> (fp32 logits [B, V], cache)."""
+    x_BTD, groups_BT = self.embed_inputs(inputs)
+    return self.language_model.prefill_embeds(x_BTD, inputs["segment_ids"], cache, groups_BT)
+
+  def decode(self, tokens_B, cache: dict):
+    return self.language_model.decode(tokens_B, cache)

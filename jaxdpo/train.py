@@ -1,0 +1,137 @@
+"""The training loop shared by the DPO and SFT jobs: init or restore, step, eval, checkpoint, log.
+
+Resuming is automatic: if `workdir/checkpoints` holds a checkpoint, the state and the data
+iterator are restored from the latest one and the run continues to `train.num_steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxdpo import checkpoint as ckpt_lib
+from jaxdpo import metrics_writer
+from jaxdpo import sharding as shd
+
+log = logging.getLogger("jaxdpo")
+
+
+@dataclasses.dataclass
+class LoopSpec:
+  """What the generic loop needs from a job."""
+
+  step_fn: Callable          # (state, ref, batch) -> (state, metrics); state donated
+  state: dict                # {"step", "params", "opt_state"}
+  ref: object                # passed through to step_fn (reference params, or None)
+  iterator: Iterator         # grain DatasetIterator of host-local numpy batches
+  eval_fn: Callable | None = None  # (params) -> dict of eval metrics
+  desc: str = "train"
+
+
+class PreemptionGuard:
+  """Turns SIGTERM (TPU maintenance, SLURM preemption) into a checkpoint at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del frame
+      log.warning("received signal %d: checkpointing at the next step boundary, then exiting", signum)
+      self.requested = True
+    try:
+      self._old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. under some test runners)
+      self._old = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def init_opt_state(tx, params, mesh):
+  """Optimizer state created under jit; its shardings follow the parameters'."""
+  with jax.set_mesh(mesh):
+    return jax.jit(tx.init)(params)
+
+
+def run_loop(config, workdir: str, mesh, spec: LoopSpec) -> dict:
+  """Runs steps until `train.num_steps` (or `train.stop_at_step`, or SIGTERM). Returns last metrics."""
+  tcfg = config.train
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tcfg.max_to_keep,
+                                       save_every=tcfg.ckpt_every)
+  state = spec.state
+  start = 0
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, data_state = checkpointer.restore(latest, ckpt_lib.abstract_like(state))
+    if data_state is not None:
+      spec.iterator.set_state(data_state)
+    start = int(latest)
+    log.info("resumed from %s at step %d", checkpointer.directory, start)
+  end = tcfg.num_steps
+  if tcfg.stop_at_step >= 0:
+    end = min(end, tcfg.stop_at_step)
+  writer = metrics_writer.MetricsWriter(workdir, resume_step=start, tensorboard=tcfg.tensorboard)
+  show = tcfg.progress and jax.process_index() == 0
+  bar = tqdm(total=tcfg.num_steps, initial=start, desc=spec.desc, disable=not show, dynamic_ncols=True)
+  last = {}
+  durations: list[float] = []
+  with PreemptionGuard() as guard:
+    step = start
+    while step < end:
+      t0 = time.perf_counter()
+      batch = shd.put_batch(next(spec.iterator), mesh)
+      state, metrics = spec.step_fn(state, spec.ref, batch)
+      if tcfg.straggler_factor > 0:
+        # Per-step timing needs the step to finish; the cost is one host sync per step.
+        jax.block_until_ready(metrics)
+      step += 1
+      want_log = step % tcfg.log_every == 0 or step == end
+      want_eval = spec.eval_fn is not None and tcfg.eval_every > 0 and (step % tcfg.eval_every == 0 or step == end)
+      if want_log or want_eval:
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if want_eval:
+          last.update(spec.eval_fn(state["params"]))
+        writer.write(step, last)
+        bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "rewards/accuracies") if k in last})
+        if not show and jax.process_index() == 0:
+          log.info("step %d: %s", step, {k: round(v, 5) for k, v in last.items()})
+      stop = guard.requested or step == end
+      if checkpointer.should_save(step) or stop:
+        checkpointer.save(step, state, spec.iterator.get_state(), force=True)
+      if tcfg.straggler_factor > 0 and step > start + 2:  # the first steps include compilation
+        _straggler_check(durations, time.perf_counter() - t0, step, tcfg.straggler_factor)
+      bar.update(1)
+      if guard.requested:
+        log.warning("checkpoint at step %d saved after SIGTERM; exiting", step)
+        break
+  bar.close()
+  checkpointer.close()
+  writer.close()
+  spec.state = state
+  return last
+
+
+def _straggler_check(durations: list[float], seconds: float, step: int, factor: float):
+  """Warns (with the host id) about a step slower than `factor` x the median of recent steps."""
+  if len(durations) >= 5:
+    median = float(np.median(durations[-100:]))
+    if seconds > factor * median:
+      log.warning("slow step %d on host %d: %.3fs vs median %.3fs", step, jax.process_index(), seconds, median)
+  durations.append(seconds)
+
+
+def scalar_state(step: int, mesh):
+  return jax.device_put(jnp.asarray(step, jnp.int32), shd.replicated(mesh))
