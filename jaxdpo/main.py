@@ -66,5 +66,19 @@ def main(argv):
     sys.exit(2)
 
 
+def cli(argv=None):
+  """`app.run` with config-override errors turned into one clear line (exit code 2)."""
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    app.run(main, argv)
+  except (AttributeError, KeyError, TypeError) as e:
+    overrides = [a for a in argv if a.startswith("--config.")]
+    if not overrides:
+      raise
+    detail = " ".join(str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\", "").split())
+    print(f"error: invalid config override ({detail}); overrides given: {' '.join(overrides)}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli()

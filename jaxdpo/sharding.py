@@ -61,6 +61,12 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int,
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """Builds the (data, fsdp, tensor) mesh with explicit (Auto) axis types."""
   devices = list(devices if devices is not None else jax.devices())
+  explicit = all(int(sizes.get(a, 1)) > 0 for a in MESH_AXES)
+  wanted = math.prod(int(sizes.get(a, 1)) for a in MESH_AXES)
+  if explicit and wanted < len(devices) and jax.process_count() == 1:
+    # A fully explicit small mesh on a bigger single host (e.g. tests with 8 fake CPU devices)
+    # uses the first devices; on many hosts every device must belong to the mesh.
+    devices = devices[:wanted]
   shape = resolve_mesh_shape(sizes, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 

@@ -3,3 +3,4 @@
 from __future__ import annotations
 
 import jaxdpo.models.qwen2_5_vl.family  # noqa: F401
+import jaxdpo.models.gemma3.family  # noqa: F401

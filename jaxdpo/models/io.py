@@ -147,15 +147,47 @@ def load_model(ckpt_dir: str, *, param_dtype=jnp.float32, attention_impl=None, s
   return family, cfg, graphdef, params
 
 
-def hf_to_jax_dir(hf_dir: str, out_dir: str, *, overwrite: bool = False, dtype=None) -> str:
-  """Converts an HF checkpoint directory into a jaxdpo checkpoint directory, atomically."""
+def read_hf_config(hf_dir: str) -> tuple[dict, registry.Family, Any]:
+  """(config.json dict, family, jaxdpo config) of an HF checkpoint directory."""
   cfg_path = os.path.join(hf_dir, "config.json")
   if not os.path.exists(cfg_path):
     raise convert_table.ConversionError(f"{hf_dir}: no config.json (is this an HF model directory?)")
   with open(cfg_path) as f:
     hf_config = json.load(f)
   family = registry.family_for_hf_config(hf_config, cfg_path)
-  cfg = family.config_from_hf(hf_config)
+  return hf_config, family, family.config_from_hf(hf_config)
+
+
+def load_hf_model(hf_dir: str, *, param_dtype=jnp.float32, attention_impl=None, shardings=None):
+  """Loads an HF checkpoint directly into a model, streaming one safetensors shard at a time.
+
+  Args:
+    hf_dir: HF model directory (config.json + safetensors).
+    param_dtype: parameter dtype; each tensor is cast on the host before placement.
+    attention_impl: passed to the model.
+    shardings: optional pytree of `jax.sharding.Sharding` matching the parameters' pure dict;
+      each tensor is `device_put` into its sharding as soon as it is read, so the host never
+      holds more than the current shard.
+
+  Returns:
+    (family, config, graphdef, params State).
+  """
+  _, family, cfg = read_hf_config(hf_dir)
+  graphdef, abstract = build_abstract(family, cfg, param_dtype, attention_impl)
+  pure = abstract.to_pure_dict()
+  expected = {k: tuple(v.shape) for k, v in flatten(pure).items()}
+  flat_shardings = flatten(shardings) if shardings is not None else {}
+  place = lambda path, arr: jax.device_put(arr, flat_shardings.get(path))
+  flat = convert_table.hf_to_jax(convert_table.iter_hf_tensors(hf_dir), family.rules(cfg), expected,
+                                 family.normalize_key(cfg), dtype=np.dtype(param_dtype), place=place)
+  state = jax.tree.map(lambda x: x, abstract)
+  nnx.replace_by_pure_dict(state, unflatten_like(flat, pure))
+  return family, cfg, graphdef, state
+
+
+def hf_to_jax_dir(hf_dir: str, out_dir: str, *, overwrite: bool = False, dtype=None) -> str:
+  """Converts an HF checkpoint directory into a jaxdpo checkpoint directory, atomically."""
+  hf_config, family, cfg = read_hf_config(hf_dir)
   _, abstract = build_abstract(family, cfg)
   expected = {k: tuple(v.shape) for k, v in flatten(abstract.to_pure_dict()).items()}
   flat = convert_table.hf_to_jax(convert_table.iter_hf_tensors(hf_dir), family.rules(cfg), expected,

@@ -165,7 +165,7 @@ def gemma3_4b() -> Gemma3Config:
 def tiny_text() -> Gemma3TextConfig:
   """A tiny decoder with odd sizes: 7 layers (pattern 6, so both layer types), window 5."""
   return Gemma3TextConfig(
-      vocab_size=331, hidden_size=44, num_layers=7, num_heads=3, num_kv_heads=1, head_dim=10,
+      vocab_size=331, hidden_size=45, num_layers=7, num_heads=3, num_kv_heads=1, head_dim=10,
       intermediate_size=70, layer_types=layer_types_from_pattern(7, 6), sliding_window=5,
       query_pre_attn_scalar=13.0, rope_global_theta=1_000_000.0, rope_global_linear_factor=8.0,
       rope_local_theta=10_000.0, eos_token_ids=(1, 7))

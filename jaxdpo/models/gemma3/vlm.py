@@ -11,7 +11,6 @@ share their prompt images) can pass `image_embeds` [I, M, D] from `encode_images
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

@@ -1,0 +1,93 @@
+"""Image preprocessing through transformers' own image processors (PIL backends, no torchvision).
+
+Each family has a self-contained section. Errors name the offending image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+class ImageError(ValueError):
+  """An image that cannot be loaded or processed; the message names it."""
+
+
+def load_image(image, name: str | None = None) -> tuple[Image.Image, str]:
+  """Opens a path (or passes a PIL image through); returns (RGB-convertible image, its name)."""
+  if isinstance(image, Image.Image):
+    return image, name or getattr(image, "filename", "") or "<PIL image>"
+  path = os.fspath(image)
+  try:
+    with Image.open(path) as im:
+      im.load()
+      return im.copy(), path
+  except FileNotFoundError as e:
+    raise ImageError(f"{path}: image file not found") from e
+  except Exception as e:  # PIL raises several types for unreadable / truncated files
+    raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Qwen2-VL / Qwen2.5-VL (Nanonets-OCR2)
+
+QWEN_MAX_ASPECT_RATIO = 200  # transformers' smart_resize refuses anything more elongated
+
+
+def qwen_image_processor(model_dir: str | None = None, **overrides):
+  """transformers' `Qwen2VLImageProcessorPil`, from a model directory's preprocessor_config.json
+  when given, else with transformers' defaults; `overrides` (e.g. min_pixels, max_pixels,
+  patch_size, merge_size) win over both."""
+  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+  if model_dir is not None and os.path.exists(os.path.join(model_dir, "preprocessor_config.json")):
+    return Qwen2VLImageProcessorPil.from_pretrained(model_dir, **overrides)
+  return Qwen2VLImageProcessorPil(**overrides)
+
+
+def qwen_image_inputs(images: Sequence, processor=None, *, names: Sequence[str] | None = None,
+                      **processor_kwargs) -> dict[str, np.ndarray]:
+  """Turns images into Qwen2.5-VL vision inputs with transformers' processor (smart_resize,
+  min/max pixels, normalisation, patch flattening).
+
+  Args:
+    images: PIL images or paths, in the order their placeholders appear in the batch.
+    processor: a `Qwen2VLImageProcessorPil` (default: `qwen_image_processor(**processor_kwargs)`).
+    names: optional display names for in-memory images, used in error messages.
+    **processor_kwargs: passed to `qwen_image_processor` when `processor` is None.
+
+  Returns:
+    {"pixel_values": float32 [P, C * t * p * p], "image_grid_thw": int64 [I, 3]} for all images,
+    concatenated; "num_image_tokens": int64 [I] merged tokens (image-pad tokens) per image.
+
+  Raises:
+    ImageError: naming the image that is missing, unreadable, degenerate, or whose aspect ratio
+      exceeds 200.
+  """
+  processor = processor or qwen_image_processor(**processor_kwargs)
+  pixels, grids = [], []
+  for i, image in enumerate(images):
+    pil, name = load_image(image, names[i] if names else None)
+    width, height = pil.size
+    if min(width, height) < 1:
+      raise ImageError(f"{name}: empty image ({width}x{height})")
+    ratio = max(width, height) / min(width, height)
+    if ratio > QWEN_MAX_ASPECT_RATIO:
+      raise ImageError(f"{name}: aspect ratio {ratio:.1f} ({width}x{height}) exceeds {QWEN_MAX_ASPECT_RATIO}, "
+                       "the most Qwen2-VL's image processor accepts; crop or split the image")
+    try:
+      out = processor(images=[pil.convert("RGB")], return_tensors="np")
+    except Exception as e:
+      raise ImageError(f"{name}: image preprocessing failed ({type(e).__name__}: {e})") from e
+    pixels.append(np.asarray(out["pixel_values"], np.float32))
+    grids.append(np.asarray(out["image_grid_thw"], np.int64))
+  merge = processor.merge_size
+  if not pixels:
+    patch_dim = 3 * processor.temporal_patch_size * processor.patch_size ** 2
+    return {"pixel_values": np.zeros((0, patch_dim), np.float32), "image_grid_thw": np.zeros((0, 3), np.int64),
+            "num_image_tokens": np.zeros((0,), np.int64)}
+  grid = np.concatenate(grids, axis=0)
+  return {"pixel_values": np.concatenate(pixels, axis=0), "image_grid_thw": grid,
+          "num_image_tokens": grid.prod(axis=1) // merge ** 2}

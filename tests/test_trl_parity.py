@@ -1,0 +1,205 @@
+"""jaxdpo's DPO loss, metrics and AdamW updates held to TRL's DPOTrainer on the same weights and batch.
+
+TRL 1.16's `sigmoid` loss has no label smoothing; its `robust` loss does. jaxdpo's cDPO
+(`sigmoid` with label_smoothing=eps) is checked against TRL through the identity
+  cDPO = 2 (1 - eps) L_sigmoid - (1 - 2 eps) L_robust,
+which holds per pair, so for batch means too.
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from jaxdpo.data.pipeline import collate_pairs
+from jaxdpo.data.tokenize import TokenizedPair
+from jaxdpo.dpo import losses, step as step_lib
+from jaxdpo.models import io
+from tests._dpo_helpers import tiny_qwen2_hf, tokenizer
+
+PAIRS = [
+    {"prompt": "transcribe : alpha bravo", "chosen": "alpha bravo", "rejected": "alpha alpha alpha alpha alpha"},
+    {"prompt": "transcribe : red green blue black white", "chosen": "red green blue black white",
+     "rejected": "red green red green red green red green"},
+    {"prompt": "transcribe : cat", "chosen": "cat", "rejected": "cat dog"},
+    {"prompt": "transcribe : one two three four five six seven", "chosen": "one two three four five six seven",
+     "rejected": "one two three three three"},
+]
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+
+
+def _trainer(tmp_path, model, ref, loss_type, *, beta, label_smoothing=0.0, loss_weights=None, max_steps=1,
+             lr=1e-3):
+  from datasets import Dataset
+  from trl import DPOConfig, DPOTrainer
+  args = DPOConfig(output_dir=str(tmp_path / f"trl-{'-'.join(loss_type)}"), per_device_train_batch_size=len(PAIRS),
+                   learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, max_steps=max_steps, beta=beta,
+                   loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing, bf16=False,
+                   fp16=False, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0,
+                   max_grad_norm=1.0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                   dataset_num_proc=None, gradient_checkpointing=False, max_length=None)
+  return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(PAIRS),
+                    processing_class=tokenizer())
+
+
+def _trl_metrics(trainer):
+  batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+  trainer.model.train()
+  with torch.no_grad():
+    loss = trainer.compute_loss(trainer.model, batch)
+  got = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+  got["loss"] = float(loss)
+  return got
+
+
+def _our_batch(trainer):
+  pairs = [TokenizedPair(f"pair {i}", list(e["prompt_ids"]), list(e["chosen_ids"]), list(e["rejected_ids"]))
+           for i, e in enumerate(trainer.train_dataset)]
+  t = max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs) + 3  # extra padding on purpose
+  return collate_pairs(pairs, max_length=t, pad_id=0)
+
+
+def _our_metrics(graphdef, params, batch, loss_cfg):
+  cfg = step_lib.StepConfig(loss=loss_cfg, logprob_chunk=5)  # a chunk that does not divide T
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  _, metrics, _ = step_lib.accumulate(params, params, batch, graphdef, cfg, with_grad=False)
+  return {k: float(v) for k, v in metrics.items()}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("trl")
+  tok = tokenizer()
+  hf, ckpt = tiny_qwen2_hf(str(tmp), tied=False, vocab=len(tok) + 7, seed=3)
+  _, _, graphdef, params = io.load_model(ckpt)
+  return tmp, hf, ckpt, graphdef, params.to_pure_dict()
+
+
+def _copy(hf):
+  import copy
+  return copy.deepcopy(hf)
+
+
+def _assert_close(ours, theirs, keys, rtol=1e-4):
+  for k in keys:
+    assert ours[k] == pytest.approx(theirs[k], rel=rtol, abs=1e-6), (k, ours[k], theirs[k])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_loss_and_metrics_match_trl(setup, loss_type):
+  tmp, hf, _, graphdef, params = setup
+  trainer = _trainer(tmp, _copy(hf), _copy(hf), [loss_type], beta=0.1)
+  theirs = _trl_metrics(trainer)
+  # Policy == reference here (rewards are zero); `test_policy_differs_from_reference` moves it.
+  ours = _our_metrics(graphdef, params, _our_batch(trainer), losses.DPOLossConfig(loss_type=loss_type, beta=0.1))
+  _assert_close(ours, theirs, ("loss",) + METRICS)
+
+
+@pytest.fixture(scope="module")
+def moved(setup):
+  """Policy != reference: the HF policy gets a deterministic perturbation, mirrored into our params."""
+  tmp, hf, ckpt, graphdef, params = setup
+  policy = _copy(hf)
+  gen = torch.Generator().manual_seed(7)
+  with torch.no_grad():
+    for p in policy.parameters():
+      p.add_(0.05 * torch.randn(p.shape, generator=gen))
+  policy_dir = str(tmp / "policy-hf")
+  policy.save_pretrained(policy_dir)
+  io.hf_to_jax_dir(policy_dir, str(tmp / "policy-ckpt"))
+  _, _, _, pparams = io.load_model(str(tmp / "policy-ckpt"))
+  return policy, pparams.to_pure_dict()
+
+
+def _metrics_moved(setup, moved, loss_type, **kw):
+  tmp, hf, _, graphdef, ref_params = setup
+  policy, pparams = moved
+  trl_kw = {k: v for k, v in kw.items() if k in ("label_smoothing", "loss_weights")}
+  trainer = _trainer(tmp, _copy(policy), _copy(hf), loss_type, beta=0.1, **trl_kw)
+  theirs = _trl_metrics(trainer)
+  return trainer, theirs, graphdef, pparams, ref_params
+
+
+def _ours_moved(graphdef, pparams, ref_params, batch, loss_cfg):
+  cfg = step_lib.StepConfig(loss=loss_cfg, logprob_chunk=5)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  _, metrics, _ = step_lib.accumulate(pparams, ref_params, batch, graphdef, cfg, with_grad=False)
+  return {k: float(v) for k, v in metrics.items()}
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_policy_differs_from_reference(setup, moved, loss_type):
+  trainer, theirs, graphdef, pparams, ref_params = _metrics_moved(setup, moved, [loss_type])
+  ours = _ours_moved(graphdef, pparams, ref_params, _our_batch(trainer),
+                     losses.DPOLossConfig(loss_type=loss_type, beta=0.1))
+  assert abs(theirs["rewards/margins"]) > 1e-3  # the test would be vacuous with equal models
+  _assert_close(ours, theirs, ("loss",) + METRICS)
+
+
+def test_label_smoothing_robust_and_cdpo(setup, moved):
+  eps = 0.1
+  trainer, robust, graphdef, pparams, ref_params = _metrics_moved(setup, moved, ["robust"], label_smoothing=eps)
+  batch = _our_batch(trainer)
+  ours_robust = _ours_moved(graphdef, pparams, ref_params, batch,
+                            losses.DPOLossConfig(loss_type="robust", beta=0.1, label_smoothing=eps))
+  _assert_close(ours_robust, robust, ("loss",) + METRICS)
+  _, sigmoid, *_ = _metrics_moved(setup, moved, ["sigmoid"])
+  cdpo_from_trl = 2 * (1 - eps) * sigmoid["loss"] - (1 - 2 * eps) * robust["loss"]
+  ours_cdpo = _ours_moved(graphdef, pparams, ref_params, batch,
+                          losses.DPOLossConfig(loss_type="sigmoid", beta=0.1, label_smoothing=eps))
+  assert ours_cdpo["loss"] == pytest.approx(cdpo_from_trl, rel=1e-4)
+  assert ours_cdpo["loss"] != pytest.approx(sigmoid["loss"], rel=1e-3)  # smoothing really changed it
+
+
+def test_rpo_alpha_matches_trl_sft_term(setup, moved):
+  trainer, theirs, graphdef, pparams, ref_params = _metrics_moved(setup, moved, ["sigmoid", "sft"],
+                                                                  loss_weights=[1.0, 0.5])
+  ours = _ours_moved(graphdef, pparams, ref_params, _our_batch(trainer),
+                     losses.DPOLossConfig(loss_type="sigmoid", beta=0.1, rpo_alpha=0.5))
+  _assert_close(ours, theirs, ("loss",) + METRICS)
+
+
+def test_three_adamw_steps_match_trl(setup, moved):
+  tmp, hf, _, graphdef, ref_params = setup
+  policy, pparams = moved
+  trainer = _trainer(tmp, _copy(policy), _copy(hf), ["sigmoid"], beta=0.1, max_steps=3, lr=1e-3)
+  batch = _our_batch(trainer)
+  trainer.train()
+  trained = {k: v.detach().numpy() for k, v in trainer.model.state_dict().items()}
+
+  from jaxdpo import optim
+  from ml_collections import ConfigDict
+  ocfg = ConfigDict(dict(lr=1e-3, schedule="constant", warmup_steps=0, end_lr_ratio=0.0, b1=0.9, b2=0.999,
+                         eps=1e-8, weight_decay=0.0, max_grad_norm=1.0))
+  tx, _ = optim.make_optimizer(ocfg, 3)
+  cfg = step_lib.StepConfig(loss=losses.DPOLossConfig(loss_type="sigmoid", beta=0.1), logprob_chunk=5)
+  jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+  @jax.jit
+  def step(params, opt_state):
+    _, _, grads = step_lib.accumulate(params, ref_params, jbatch, graphdef, cfg, with_grad=True)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params, opt_state = pparams, tx.init(pparams)
+  for _ in range(3):
+    params, opt_state = step(params, opt_state)
+
+  # Map our params back to HF names with the converter's own table, then compare every tensor.
+  from jaxdpo.models import registry
+  fam, cfg_m = registry.get_family("qwen2"), None
+  _, cfg_m = io.read_model_meta(str(tmp / "policy-ckpt"))
+  from jaxdpo.models.convert_table import jax_to_hf
+  ours = jax_to_hf({k: np.asarray(v) for k, v in io.flatten(params).items()}, fam.rules(cfg_m))
+  start = {k: v.detach().numpy() for k, v in policy.state_dict().items()}
+  moved_any = False
+  for name, theirs in trained.items():
+    np.testing.assert_allclose(ours[name], theirs, atol=1e-4, rtol=0, err_msg=name)
+    moved_any |= float(np.abs(theirs - start[name]).max()) > 1e-3
+  assert moved_any  # three steps of lr 1e-3 must have moved the weights
