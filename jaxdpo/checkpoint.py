@@ -37,9 +37,8 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state):
     """Restores into `abstract_state` (ShapeDtypeStructs with shardings); returns (state, data_state)."""
-    items = self.manager.item_metadata(step)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
-    has_data = items is not None and "data" in items.keys() and items["data"] is not None
+    has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
     if has_data:
       args["data"] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
