@@ -48,7 +48,8 @@ class GenerationOutput(NamedTuple):
     num_generated: int32 [B]; tokens emitted before padding, counting the EOS token. A row that
       stopped at step i (0-based) has i + 1; a row that hit the limit has max_new_tokens.
     hit_limit: bool [B]; True when the row emitted no EOS within max_new_tokens.
-    steps: int32 scalar; decode steps actually run (< max_new_tokens when all rows stopped).
+    steps: int32 scalar; token columns produced (the prefill's token plus one per decode step);
+      less than max_new_tokens when every row stopped early.
   """
 
   tokens: jax.Array
