@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxdpo import accumulate as accumulate_lib
 from jaxdpo import sharding as shd
+from jaxdpo import update
 from jaxdpo.dpo import logprobs, losses
 
 PAIR_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
@@ -81,34 +83,12 @@ def loss_terms(params, ref_params, batch, graphdef, cfg: StepConfig, n_pairs, n_
   return loss, sums
 
 
-def _micro_batches(batch: dict, n: int) -> dict:
-  # Row j*n + a goes to micro-batch a: the sharded leading axis keeps its layout, so splitting
-  # needs no communication.
-  return {k: jnp.moveaxis(v.reshape((v.shape[0] // n, n) + v.shape[1:]), 1, 0) for k, v in batch.items()}
-
-
 def accumulate(params, ref_params, batch, graphdef, cfg: StepConfig, with_grad: bool):
   """Loss, metric means and (optionally) gradients over `cfg.grad_accum` micro-batches."""
   n_pairs = batch["input_ids"].shape[0]
-  if n_pairs % cfg.grad_accum:
-    raise ValueError(f"batch of {n_pairs} pairs is not divisible by grad_accum={cfg.grad_accum}")
   n_chosen_tokens = batch["loss_mask"][:, 0, 1:].astype(jnp.float32).sum()
-  fn = lambda p, mb: loss_terms(p, ref_params, mb, graphdef, cfg, n_pairs, n_chosen_tokens)
-  if with_grad:
-    fn = jax.value_and_grad(fn, has_aux=True)
-
-  def body(carry, mb):
-    out = fn(params, mb)
-    return jax.tree.map(jnp.add, carry, out), None
-
-  micro = _micro_batches(batch, cfg.grad_accum)
-  first = jax.tree.map(lambda x: x[0], micro)
-  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, params, first))
-  total, _ = jax.lax.scan(body, zeros, micro)
-  if with_grad:
-    (loss, sums), grads = total
-  else:
-    (loss, sums), grads = total, None
+  terms = lambda p, mb: loss_terms(p, ref_params, mb, graphdef, cfg, n_pairs, n_chosen_tokens)
+  (loss, sums), grads = accumulate_lib.accumulate(terms, params, batch, cfg.grad_accum, with_grad=with_grad)
   metrics = {k: v / n_pairs for k, v in sums.items()}
   metrics["loss"] = loss
   return loss, metrics, grads
@@ -120,18 +100,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig,
 
   `state` is {"step": int32 [], "params": pure dict, "opt_state": optax state}.
   """
-  def step(state, ref_params, batch):
-    _, metrics, grads = accumulate(state["params"], ref_params, batch, graphdef, cfg, with_grad=True)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    if schedule is not None:
-      metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+  def grad_fn(params, ref_params, batch):
+    _, metrics, grads = accumulate(params, ref_params, batch, graphdef, cfg, with_grad=True)
+    return metrics, grads
 
-  batch_sh = _batch_shardings(mesh)
-  return jax.jit(step, in_shardings=(state_shardings, ref_shardings, batch_sh),
-                 out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
+  return update.make_update_step(grad_fn, tx, mesh, state_shardings, ref_shardings, schedule)
 
 
 def make_eval_step(graphdef, cfg: StepConfig, mesh, param_shardings, ref_shardings):
@@ -140,11 +113,5 @@ def make_eval_step(graphdef, cfg: StepConfig, mesh, param_shardings, ref_shardin
     _, metrics, _ = accumulate(params, ref_params, batch, graphdef, cfg, with_grad=False)
     return metrics
 
-  return jax.jit(eval_step, in_shardings=(param_shardings, ref_shardings, _batch_shardings(mesh)),
+  return jax.jit(eval_step, in_shardings=(param_shardings, ref_shardings, update.batch_shardings(mesh)),
                  out_shardings=shd.replicated(mesh))
-
-
-def _batch_shardings(mesh):
-  # One sharding for every batch leaf: leading (pair) axis over the batch mesh axes. A
-  # PartitionSpec shorter than an array's rank leaves the trailing dims replicated.
-  return shd.NamedSharding(mesh, shd.P(shd.batch_sharding(mesh, 1).spec[0]))

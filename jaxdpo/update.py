@@ -1,0 +1,44 @@
+"""The jitted optimizer update shared by every training job (DPO, SFT)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdpo import sharding as shd
+
+
+def batch_shardings(mesh):
+  """One sharding for every batch leaf: the leading axis over the batch mesh axes.
+
+  A PartitionSpec shorter than an array's rank leaves the trailing dims replicated.
+  """
+  return shd.NamedSharding(mesh, shd.P(shd.batch_sharding(mesh, 1).spec[0]))
+
+
+def make_update_step(grad_fn: Callable, tx: optax.GradientTransformation, mesh, state_shardings, ref_shardings,
+                     schedule: Callable | None = None):
+  """Returns jitted `step(state, ref, batch) -> (state, metrics)` with the state donated.
+
+  Args:
+    grad_fn: (params, ref, batch) -> (metrics dict, grads), traced inside the jit.
+    tx: the optax transformation.
+    mesh: the device mesh.
+    state_shardings: shardings of {"step", "params", "opt_state"}.
+    ref_shardings: shardings of the reference params (or None).
+    schedule: learning-rate schedule, logged as `lr`.
+  """
+  def step(state, ref, batch):
+    metrics, grads = grad_fn(state["params"], ref, batch)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    if schedule is not None:
+      metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  return jax.jit(step, in_shardings=(state_shardings, ref_shardings, batch_shardings(mesh)),
+                 out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
