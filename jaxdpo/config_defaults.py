@@ -38,6 +38,9 @@ def base() -> ml_collections.ConfigDict:
   c.data.truncation = "keep_end"    # keep_end | keep_start | off
   c.data.use_chat_template = True
   c.data.shuffle = True
+  c.data.prompts = ""               # eval / mine input: {"prompt", "reference"?, "images"?} records
+  c.data.degeneration_eval = ""     # dpo/sft: prompts whose degeneration rate is logged every
+                                    # train.degeneration_eval_every steps as eval/degeneration_rate
 
   c.dpo = ml_collections.ConfigDict()
   c.dpo.loss_type = "sigmoid"       # sigmoid | robust | hinge | ipo
@@ -58,6 +61,29 @@ def base() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0
   c.optim.max_grad_norm = 1.0
 
+  c.generate = ml_collections.ConfigDict()
+  c.generate.max_new_tokens = 64
+  c.generate.max_prompt_length = 64  # prompts are left-padded to this, so generation compiles once
+  c.generate.batch_size = 8
+  c.generate.temperature = 0.0       # 0 = greedy
+  c.generate.top_p = 1.0
+  c.generate.top_k = 0
+
+  c.degeneration = ml_collections.ConfigDict()  # see jaxdpo.degeneration.DegenerationConfig
+  c.degeneration.min_period = 1
+  c.degeneration.max_period = 64
+  c.degeneration.min_repeats = 3
+  c.degeneration.tail_window = 256
+  c.degeneration.min_tail_coverage = 0.5
+
+  c.mine = ml_collections.ConfigDict()
+  c.mine.num_samples = 4             # k completions sampled per record
+  c.mine.temperature = 1.0
+  c.mine.top_p = 1.0
+  c.mine.top_k = 0
+  c.mine.chosen = "reference"        # reference | best_sample (lowest-CER non-degenerate sample)
+  c.mine.rejected = "degenerate"     # degenerate | worst_cer (fallback when no sample degenerated)
+
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 100
   c.train.batch_size = 8            # global number of pairs (or sequences for sft) per optimizer step
@@ -67,9 +93,12 @@ def base() -> ml_collections.ConfigDict:
   c.train.max_to_keep = 3
   c.train.eval_every = 0
   c.train.eval_batches = 4
+  c.train.degeneration_eval_every = 0
   c.train.stop_at_step = -1         # stop (after checkpointing) at this step; -1 = run to num_steps
   c.train.logprob_chunk = 256
   c.train.tensorboard = False
   c.train.progress = True
   c.train.straggler_factor = 10.0   # warn when a step takes this many times the median; 0 = off
+  c.train.device_memory_gb = 0.0    # per-device budget for the memory planner; 0 = ask the backend, <0 = no check
+  c.train.debug_sigterm_step = -1   # tests: the last process sends itself SIGTERM after this step
   return c

@@ -19,17 +19,25 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Multi-host (see jaxdpo/distributed.py). On SLURM and Cloud TPU these are detected; elsewhere
+# every process gets the same --coordinator and --num_processes and its own --process_id.
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "auto: join a multi-host run when flags or the environment (SLURM, Open MPI, "
+                                 "Cloud TPU) say so; on: always call jax.distributed.initialize(); off: never.")
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0's coordination service.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "Accelerator ids this process drives (GPU), "
+                                      "e.g. 0,1,2,3; default: jax's choice.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300,
+                                            "Seconds to wait for every process to join the coordinator.")
+
 
 def _job_table():
   # Imported lazily so that `--help` and config errors do not pay for jax/transformers imports.
   from jaxdpo.dpo import job as dpo_job
-  table = {"dpo": dpo_job.run}
-  try:
-    from jaxdpo import jobs_extra  # sft / eval / mine, when present
-    table.update(jobs_extra.JOBS)
-  except ImportError:
-    pass
-  return table
+  from jaxdpo import jobs_extra
+  return {"dpo": dpo_job.run, **jobs_extra.JOBS}
 
 
 def write_config(config, workdir: str):
@@ -57,7 +65,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  for noisy in ("absl", "jax", "jax._src.xla_bridge", "orbax", "datasets"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  from jaxdpo import distributed
+  try:
+    # Before any jax computation: the backends must see the multi-host runtime when they start.
+    plan = distributed.maybe_initialize(
+        mode=_DISTRIBUTED.value, coordinator=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value, local_device_ids=_LOCAL_DEVICE_IDS.value, timeout_s=_DISTRIBUTED_TIMEOUT.value)
+  except distributed.DistributedInitError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if plan is not None:
+    import jax
+    if jax.process_index() != 0:
+      logging.getLogger().setLevel(logging.WARNING)  # progress is logged once, by process 0
   try:
     run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
@@ -67,17 +89,19 @@ def main(argv):
 
 
 def cli(argv=None):
-  """`app.run` with config-override errors turned into one clear line (exit code 2)."""
+  """`app.run`, with config-file and override errors turned into one clear line (exit code 2)."""
   argv = list(sys.argv if argv is None else argv)
+  overrides = [a for a in argv if a.startswith("--config.")]
   try:
-    app.run(main, argv)
-  except (AttributeError, KeyError, TypeError) as e:
-    overrides = [a for a in argv if a.startswith("--config.")]
-    if not overrides:
-      raise
+    # Parse once up front: errors raised while applying overrides (a misspelt key, a wrong
+    # type) surface here, before any job code runs, so they can be reported precisely.
+    rest = flags.FLAGS(argv)
+  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
     detail = " ".join(str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\", "").split())
-    print(f"error: invalid config override ({detail}); overrides given: {' '.join(overrides)}", file=sys.stderr)
+    print(f"error: invalid command line or config override ({detail})" +
+          (f"; overrides given: {' '.join(overrides)}" if overrides else ""), file=sys.stderr)
     sys.exit(2)
+  main(rest)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ class LoopSpec:
   state: dict                # {"step", "params", "opt_state"}
   ref: object                # passed through to step_fn (reference params, or None)
   iterator: Iterator         # grain DatasetIterator of host-local numpy batches
-  eval_fn: Callable | None = None  # (params) -> dict of eval metrics
+  eval_fn: Callable | None = None  # (params) -> dict of eval metrics, every train.eval_every steps
+  degeneration_fn: Callable | None = None  # (params) -> {"eval/degeneration_rate", ...}, every
+                                           # train.degeneration_eval_every steps
   desc: str = "train"
 
 
@@ -58,6 +60,19 @@ class PreemptionGuard:
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop; every process gets the same answer.
+
+    On many hosts the signal may reach only some of them (or at different steps). A host that
+    stopped alone would leave the others waiting in the step's collectives, so the flags are
+    all-gathered at every step boundary (one tiny collective) and the stop step is shared.
+    """
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+    return bool(np.any(flags))
 
 
 def init_opt_state(tx, params, mesh):
@@ -99,22 +114,28 @@ def run_loop(config, workdir: str, mesh, spec: LoopSpec) -> dict:
         jax.block_until_ready(metrics)
       step += 1
       want_log = step % tcfg.log_every == 0 or step == end
-      want_eval = spec.eval_fn is not None and tcfg.eval_every > 0 and (step % tcfg.eval_every == 0 or step == end)
-      if want_log or want_eval:
+      want_eval = spec.eval_fn is not None and _due(step, end, tcfg.eval_every)
+      want_degen = spec.degeneration_fn is not None and _due(step, end, tcfg.degeneration_eval_every)
+      if want_log or want_eval or want_degen:
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if want_eval:
           last.update(spec.eval_fn(state["params"]))
+        if want_degen:
+          last.update(spec.degeneration_fn(state["params"]))
         writer.write(step, last)
         bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "rewards/accuracies") if k in last})
         if not show and jax.process_index() == 0:
           log.info("step %d: %s", step, {k: round(v, 5) for k, v in last.items()})
-      stop = guard.requested or step == end
+      if step == tcfg.debug_sigterm_step and jax.process_index() == jax.process_count() - 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # test hook: a real SIGTERM, to the last process only
+      preempted = guard.agreed()
+      stop = preempted or step == end
       if checkpointer.should_save(step) or stop:
         checkpointer.save(step, state, spec.iterator.get_state(), force=True)
       if tcfg.straggler_factor > 0 and step > start + 2:  # the first steps include compilation
         _straggler_check(durations, time.perf_counter() - t0, step, tcfg.straggler_factor)
       bar.update(1)
-      if guard.requested:
+      if preempted:
         log.warning("checkpoint at step %d saved after SIGTERM; exiting", step)
         break
   bar.close()
@@ -124,6 +145,10 @@ def run_loop(config, workdir: str, mesh, spec: LoopSpec) -> dict:
   return last
 
 
+def _due(step: int, end: int, every: int) -> bool:
+  return every > 0 and (step % every == 0 or step == end)
+
+
 def _straggler_check(durations: list[float], seconds: float, step: int, factor: float):
   """Warns (with the host id) about a step slower than `factor` x the median of recent steps."""
   if len(durations) >= 5:
@@ -131,6 +156,21 @@ def _straggler_check(durations: list[float], seconds: float, step: int, factor: 
     if seconds > factor * median:
       log.warning("slow step %d on host %d: %.3fs vs median %.3fs", step, jax.process_index(), seconds, median)
   durations.append(seconds)
+
+
+def init_state(bundle, tx, mesh) -> dict:
+  """The train state {"step", "params", "opt_state"} for a freshly set-up model."""
+  return {"step": scalar_state(0, mesh), "params": bundle.params,
+          "opt_state": init_opt_state(tx, bundle.params, mesh)}
+
+
+def export_final_model(workdir: str, config, bundle, params) -> str:
+  """Writes `workdir/model`, a converted-checkpoint dir that the next job loads with
+  `--config.model.checkpoint=workdir/model`."""
+  from jaxdpo.models import io
+  tok_dir = config.data.tokenizer
+  return io.export_model_dir(os.path.join(workdir, "model"), bundle.family, bundle.config, params,
+                             hf_config=io.source_hf_config(config.model.checkpoint), tokenizer_dir=tok_dir)
 
 
 def scalar_state(step: int, mesh):

@@ -61,6 +61,15 @@ def main():
     with open(os.path.join(ASSETS, name), "w") as f:
       for _ in range(n):
         f.write(json.dumps(make_pair(rng)) + "\n")
+  rng = random.Random(99)  # separate stream: the preference files above stay unchanged
+  with open(os.path.join(ASSETS, "tiny_sft.jsonl"), "w") as f:
+    for _ in range(256):
+      p = make_pair(rng)
+      f.write(json.dumps({"prompt": p["prompt"], "completion": p["chosen"]}) + "\n")
+  with open(os.path.join(ASSETS, "tiny_prompts.jsonl"), "w") as f:
+    for _ in range(24):
+      p = make_pair(rng)
+      f.write(json.dumps({"prompt": p["prompt"], "reference": p["chosen"]}) + "\n")
   print(f"wrote {ASSETS}")
 
 

@@ -37,8 +37,12 @@ GEMMA3_4B_IT_CONFIG = {
 }
 
 
-def randomize(model, seed: int = 0):
-  """Gives every parameter a random value (HF inits norms and the projector to zero)."""
+def randomize(model, seed: int = 0, embed_std: float = 0.6):
+  """Gives every parameter a random value (HF inits norms and the projector to zero).
+
+  A small `embed_std` keeps the (tied) token embedding from dominating the residual stream,
+  which otherwise makes greedy decoding repeat the last token.
+  """
   import torch
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
@@ -47,7 +51,9 @@ def randomize(model, seed: int = 0):
         std = 0.3
       elif name.endswith("bias"):
         std = 0.1
-      elif "embed_tokens" in name or "position_embedding" in name:
+      elif "embed_tokens" in name:
+        std = embed_std
+      elif "position_embedding" in name:
         std = 0.6
       elif p.ndim >= 2:
         fan_in = p.shape[0] if "mm_input_projection" in name else int(np.prod(p.shape[1:]))
@@ -58,22 +64,22 @@ def randomize(model, seed: int = 0):
   return model
 
 
-def tiny_vlm(seed: int = 0, text_overrides: dict | None = None):
+def tiny_vlm(seed: int = 0, text_overrides: dict | None = None, embed_std: float = 0.6):
   """A tiny random `Gemma3ForConditionalGeneration` (fp32, eager attention, eval mode)."""
   from transformers import Gemma3Config, Gemma3ForConditionalGeneration
   cfg = Gemma3Config(text_config=dict(TEXT, **(text_overrides or {})), vision_config=dict(VISION), **MM)
   cfg._attn_implementation = "eager"
   model = Gemma3ForConditionalGeneration(cfg)
   model.config._attn_implementation = "eager"
-  return randomize(model, seed).eval()
+  return randomize(model, seed, embed_std).eval()
 
 
-def tiny_causal_lm(seed: int = 0, **overrides):
+def tiny_causal_lm(seed: int = 0, embed_std: float = 0.6, **overrides):
   """A tiny random `Gemma3ForCausalLM`."""
   from transformers import Gemma3ForCausalLM, Gemma3TextConfig
   cfg = Gemma3TextConfig(**dict(TEXT, **overrides))
   cfg._attn_implementation = "eager"
-  return randomize(Gemma3ForCausalLM(cfg), seed).eval()
+  return randomize(Gemma3ForCausalLM(cfg), seed, embed_std).eval()
 
 
 # Canonical (transformers 5 in-memory) prefix -> the prefix each on-disk layout uses.
@@ -81,6 +87,7 @@ LAYOUTS = {
     "tf5": (),  # model.language_model.*, model.vision_tower.*, model.multi_modal_projector.*
     "hub": (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower.vision_model."),
             ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")),
+    "tf4": (("model.vision_tower.", "model.vision_tower.vision_model."),),  # transformers 4.5x in memory
 }
 
 
@@ -88,15 +95,16 @@ def save_in_layout(model, out_dir: str, layout: str, *, keep_tied_head: bool = F
                    drop: tuple[str, ...] = ()):
   """Saves config.json and a single safetensors file whose keys follow `layout`.
 
-  Layouts: "save_pretrained" (whatever transformers writes), "tf5" (the in-memory state dict
-  keys), "hub" (google/gemma-3-*-it's original files: language_model.model.*,
-  vision_tower.vision_model.*, multi_modal_projector.*).
+  Layouts: "save_pretrained" (whatever transformers 5.24 writes: language_model.model.*,
+  vision_tower.*), "tf5" (the in-memory state dict keys), "hub" (google/gemma-3-*-it's
+  original files: language_model.model.*, vision_tower.vision_model.*,
+  multi_modal_projector.*), "tf4" (model.vision_tower.vision_model.*).
   """
   from safetensors.torch import save_file
   model.save_pretrained(out_dir)
   if layout == "save_pretrained":
     return out_dir
-  state = {k: v.contiguous() for k, v in model.state_dict().items()}
+  state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
   if not keep_tied_head and model.config.tie_word_embeddings:
     state.pop("lm_head.weight", None)
   renamed = {}

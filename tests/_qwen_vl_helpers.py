@@ -120,3 +120,21 @@ def to_new_layout(key: str) -> str:
   if key.startswith("model."):
     return "model.language_model." + key[len("model."):]
   return key
+
+
+def jitted(model, method):
+  """`model.method(*args)` (a method name, or a function (model, *args)) as one jitted function of
+  its arguments (eager nnx is slow on CPU)."""
+  import jax
+  from flax import nnx
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, *args):
+    model = nnx.merge(graphdef, state)
+    return getattr(model, method)(*args) if isinstance(method, str) else method(model, *args)
+  return lambda *args: run(state, *args)
+
+
+def full_logits(model, inputs):
+  return model.logits(model.hidden_states(inputs))

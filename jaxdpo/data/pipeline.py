@@ -44,24 +44,69 @@ def collate_pairs(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: in
 
 
 def make_iterator(examples: Sequence, *, batch_size: int, collate: Callable, seed: int, shuffle: bool = True,
-                  process_index: int = 0, process_count: int = 1, num_epochs: int | None = None):
+                  process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
+                  host_rows: Sequence[int] | None = None):
   """An endless (or `num_epochs`) checkpointable iterator of host-local batches.
 
+  Two ways to split data over hosts:
+    * `host_rows` given (the DPO job's choice): `batch_size` is the *global* batch. Every host
+      walks the same globally shuffled order and collates only the rows of each global batch
+      that its devices hold (`jaxdpo.distributed.host_rows`). The global batch at every step is
+      then the same for any number of processes, so a 2-host run reproduces a 1-host run, and
+      every host's iterator state is identical (one saved copy restores them all).
+    * otherwise: `batch_size` is the host-local batch and host `i` reads examples
+      `i::process_count`, shuffled independently (global batches depend on the process count).
+
   Args:
-    examples: tokenized examples (all hosts see the same list; each takes its own slice).
-    batch_size: the *host-local* batch size (global batch / process count).
+    examples: tokenized examples (all hosts see the same list).
+    batch_size: the global batch with `host_rows`, else the host-local batch.
     collate: list of examples -> dict of numpy arrays.
     seed: shuffle seed; each epoch is reshuffled.
     shuffle: whether to shuffle.
-    process_index, process_count: this host's shard of the examples.
+    process_index, process_count: this host's shard of the examples (without `host_rows`).
     num_epochs: None repeats forever.
+    host_rows: rows of each global batch that this host supplies, in increasing order.
   """
   ds = grain.MapDataset.source(list(examples))
-  ds = ds[process_index::process_count]
-  if len(ds) < batch_size:
-    raise ValueError(f"only {len(ds)} examples on host {process_index}, fewer than the local batch {batch_size}")
+  if host_rows is None:
+    ds = ds[process_index::process_count]
+    if len(ds) < batch_size:
+      raise ValueError(f"only {len(ds)} examples on host {process_index}, fewer than the local batch {batch_size}")
+  else:
+    rows = [int(r) for r in host_rows]
+    if len(ds) < batch_size:
+      raise ValueError(f"only {len(ds)} examples, fewer than the global batch {batch_size}")
+    if not rows or min(rows) < 0 or max(rows) >= batch_size:
+      raise ValueError(f"host_rows {rows[:8]}... do not select rows of a batch of {batch_size}")
+    if rows != list(range(batch_size)):
+      whole = collate
+      collate = lambda batch: whole([batch[r] for r in rows])
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=collate)
   return iter(ds.to_iter_dataset())
+
+
+def collate_seqs(seqs: Sequence, *, max_length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Stacks prompt+completion sequences into [B, T] arrays (right-padded; SFT)."""
+  b = len(seqs)
+  out = {k: np.zeros((b, max_length), np.int32) for k in ("input_ids", "segment_ids", "positions", "loss_mask")}
+  for i, s in enumerate(seqs):
+    ids, seg, pos, mask = _row(s.prompt, s.completion, max_length, pad_id)
+    out["input_ids"][i], out["segment_ids"][i], out["positions"][i], out["loss_mask"][i] = ids, seg, pos, mask
+  return out
+
+
+def collate_prompts_left(prompts: Sequence[Sequence[int]], *, length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Left-pads prompts for generation: input_ids and segment_ids [B, length]."""
+  b = len(prompts)
+  ids = np.full((b, length), pad_id, np.int32)
+  seg = np.zeros((b, length), np.int32)
+  for i, p in enumerate(prompts):
+    if len(p) > length:
+      raise ValueError(f"prompt of {len(p)} tokens is longer than the padded length {length}")
+    if len(p):
+      ids[i, length - len(p):] = p
+      seg[i, length - len(p):] = 1
+  return {"input_ids": ids, "segment_ids": seg}

@@ -122,3 +122,42 @@ def tokenize_preference(tok, record: Record, *, max_length: int, truncation: str
   prompt, (chosen, rejected) = fit(prompt, [chosen, rejected], max_length=max_length, truncation=truncation,
                                    max_prompt_length=max_prompt_length, where=record.where)
   return TokenizedPair(record.where, prompt, chosen, rejected, tuple(f.get("images", ())))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedSeq:
+  """Token ids of one prompt + completion (SFT), or of a prompt alone (generation)."""
+
+  where: str
+  prompt: list[int]
+  completion: list[int]
+  images: tuple[str, ...] = ()
+
+
+def tokenize_completion(tok, record: Record, *, max_length: int, truncation: str = "keep_end",
+                        max_prompt_length: int | None = None, use_chat_template: bool = True,
+                        completion_field: str = "completion") -> TokenizedSeq:
+  """Tokenizes and fits one validated SFT record."""
+  f = record.fields
+  prompt, completion = prompt_and_completion(tok, f["prompt"], f[completion_field],
+                                             use_chat_template=use_chat_template)
+  if not completion:
+    raise DataError(f"{record.where}: field '{completion_field}' tokenizes to nothing")
+  prompt, (completion,) = fit(prompt, [completion], max_length=max_length, truncation=truncation,
+                              max_prompt_length=max_prompt_length, where=record.where)
+  return TokenizedSeq(record.where, prompt, completion, tuple(f.get("images", ())))
+
+
+def tokenize_prompt(tok, record: Record, *, max_prompt_length: int, truncation: str = "keep_end",
+                    use_chat_template: bool = True) -> TokenizedSeq:
+  """Tokenizes a prompt for generation (with the chat template's generation prompt)."""
+  prompt = record.fields["prompt"]
+  chat = use_chat_template and (isinstance(prompt, list) or bool(getattr(tok, "chat_template", None)))
+  ids = _ids(tok, _as_messages(prompt, "user"), add_generation_prompt=True, chat=True) if chat else \
+      _ids(tok, prompt, chat=False)
+  if len(ids) > max_prompt_length:
+    if truncation == "off":
+      raise DataError(f"{record.where}: field 'prompt' has {len(ids)} tokens, more than "
+                      f"max_prompt_length={max_prompt_length}, and data.truncation is 'off'")
+    ids = ids[len(ids) - max_prompt_length:] if truncation == "keep_end" else ids[:max_prompt_length]
+  return TokenizedSeq(record.where, ids, [], tuple(record.fields.get("images", ())))

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxdpo import model_setup, optim, train
+from jaxdpo import distributed, model_setup, optim, train
 from jaxdpo import sharding as shd
 from jaxdpo.data import pipeline, records, tokenize
 from jaxdpo.dpo import losses, step as step_lib
@@ -50,15 +50,47 @@ def check_vocab(tok, model_cfg, where: str):
 
 def precompute_reference(bundle, examples, scfg, mesh, batch_size: int, collate, desc: str):
   """Reference log-probs of every pair, computed once by the initial policy (no reference in memory later)."""
-  fn = jax.jit(lambda p, b: step_lib.pair_logps(bundle.graphdef, p, b, scfg)[0])
+  # Replicated output: every host reads all rows, even those held by other hosts' devices.
+  fn = jax.jit(lambda p, b: step_lib.pair_logps(bundle.graphdef, p, b, scfg)[0], out_shardings=shd.replicated(mesh))
+  rows = distributed.host_rows(mesh, batch_size)
   out = []
   for i in tqdm(range(0, len(examples), batch_size), desc=f"reference {desc}", disable=jax.process_index() != 0):
     chunk = list(examples[i:i + batch_size])
     n = len(chunk)
     chunk += [chunk[-1]] * (batch_size - n)  # pad the last batch to the compiled shape
-    logps = np.asarray(jax.device_get(fn(bundle.params, shd.put_batch(collate(chunk), mesh))))
+    logps = np.asarray(jax.device_get(fn(bundle.params, shd.put_batch(collate([chunk[r] for r in rows]), mesh))))
     out.extend(tuple(map(float, row)) for row in logps[:n])
   return [dataclasses.replace(e, ref_logps=r) for e, r in zip(examples, out)]
+
+
+def degeneration_eval_fn(config, tok, bundle):
+  """(params) -> {"eval/degeneration_rate", ...} on `data.degeneration_eval`, or None when not configured."""
+  if not config.data.degeneration_eval or config.train.degeneration_eval_every <= 0:
+    return None
+  from flax import nnx
+  from jaxdpo import degeneration, sampling_run
+  items = sampling_run.load_prompts(config.data.degeneration_eval, tok, config)
+  g = config.generate
+
+  def fn(params):
+    model = nnx.merge(bundle.graphdef, params)
+    rows = sampling_run.run_generation(
+        model, tok, items, params=sampling_run.SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k),
+        batch_size=g.batch_size, max_prompt_length=g.max_prompt_length, seed=config.seed,
+        degen_cfg=sampling_run.degeneration_config(config), progress=False)
+    r = degeneration.rates(_VerdictView(row) for row in rows)
+    return {"eval/degeneration_rate": r["degeneration_rate"], "eval/early_loop_rate": r["early_loop_rate"],
+            "eval/hit_limit_rate": r["hit_limit_rate"]}
+  return fn
+
+
+class _VerdictView:
+  """Adapts a generation row to the attributes `degeneration.rates` reads."""
+
+  def __init__(self, row):
+    self.is_degenerate = row["is_degenerate"]
+    self.is_early_loop = row["is_early_loop"]
+    self.hit_limit = row["hit_limit"]
 
 
 def run(config, workdir: str) -> dict:
@@ -80,8 +112,9 @@ def run(config, workdir: str) -> dict:
   scfg = step_config(config, bundle.config)
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
   collate = lambda b: pipeline.collate_pairs(b, max_length=config.data.max_length, pad_id=pad_id)
-  pc, pi = jax.process_count(), jax.process_index()
-  local_batch = config.train.batch_size // pc
+  # Every host walks the same global order and collates the rows its devices hold, so the global
+  # batch does not depend on the number of processes (see pipeline.make_iterator).
+  rows = distributed.host_rows(mesh, config.train.batch_size)
 
   ref_params = None
   if not config.dpo.reference_free:
@@ -97,21 +130,20 @@ def run(config, workdir: str) -> dict:
                            out_shardings=bundle.param_shardings)(bundle.params)
 
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
-  opt_state = train.init_opt_state(tx, bundle.params, mesh)
-  state = {"step": train.scalar_state(0, mesh), "params": bundle.params, "opt_state": opt_state}
+  state = train.init_state(bundle, tx, mesh)
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   ref_sh = None if ref_params is None else bundle.param_shardings
   step_fn = step_lib.make_train_step(bundle.graphdef, tx, scfg, mesh, state_sh, ref_sh, schedule)
 
-  iterator = pipeline.make_iterator(train_examples, batch_size=local_batch, collate=collate, seed=config.seed,
-                                    shuffle=config.data.shuffle, process_index=pi, process_count=pc)
+  iterator = pipeline.make_iterator(train_examples, batch_size=config.train.batch_size, collate=collate,
+                                    seed=config.seed, shuffle=config.data.shuffle, host_rows=rows)
   eval_fn = None
   if eval_examples:
     eval_step = step_lib.make_eval_step(bundle.graphdef, scfg, mesh, bundle.param_shardings, ref_sh)
 
     def eval_fn(params):
-      it = pipeline.make_iterator(eval_examples, batch_size=local_batch, collate=collate, seed=0, shuffle=False,
-                                  process_index=pi, process_count=pc, num_epochs=1)
+      it = pipeline.make_iterator(eval_examples, batch_size=config.train.batch_size, collate=collate, seed=0,
+                                  shuffle=False, num_epochs=1, host_rows=rows)
       sums, n = {}, 0
       for batch, _ in zip(it, range(config.train.eval_batches)):
         m = jax.device_get(eval_step(params, ref_params, shd.put_batch(batch, mesh)))
@@ -120,5 +152,9 @@ def run(config, workdir: str) -> dict:
         n += 1
       return {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
 
-  spec = train.LoopSpec(step_fn=step_fn, state=state, ref=ref_params, iterator=iterator, eval_fn=eval_fn, desc="dpo")
-  return train.run_loop(config, workdir, mesh, spec)
+  spec = train.LoopSpec(step_fn=step_fn, state=state, ref=ref_params, iterator=iterator, eval_fn=eval_fn, desc="dpo",
+                        degeneration_fn=degeneration_eval_fn(config, tok, bundle))
+  last = train.run_loop(config, workdir, mesh, spec)
+  if int(jax.device_get(spec.state["step"])) >= config.train.num_steps:
+    train.export_final_model(workdir, config, bundle, spec.state["params"])
+  return last

@@ -246,3 +246,46 @@ def jax_to_hf_dir(ckpt_dir: str, out_dir: str, *, overwrite: bool = False, max_s
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     copy_tokenizer_files(os.path.join(ckpt_dir, "tokenizer"), tmp)
   return out_dir
+
+
+def export_model_dir(out_dir: str, family: registry.Family, cfg, params_pure: dict, *, hf_config: dict | None = None,
+                     tokenizer_dir: str | None = None) -> str:
+  """Writes trained parameters as a converted-checkpoint directory (the input format of every job).
+
+  Training jobs call this at the end, so `DIR/model` of one job is `model.checkpoint` of the
+  next. Every process takes part in the orbax save; process 0 writes the metadata and renames
+  the finished directory into place.
+  """
+  from jax.experimental import multihost_utils
+  out_dir = os.path.abspath(out_dir)
+  tmp = out_dir + ".partial"
+  lead = jax.process_index() == 0
+  if lead:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("jaxdpo_export_start")
+  save_params(os.path.join(tmp, "params"), params_pure)
+  if lead:
+    with open(os.path.join(tmp, "jaxdpo_model.json"), "w") as f:
+      json.dump({"family": family.name, "config": config_to_dict(cfg)}, f, indent=2)
+    if hf_config is not None:
+      with open(os.path.join(tmp, "hf_config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    if tokenizer_dir:
+      copy_tokenizer_files(tokenizer_dir, os.path.join(tmp, "tokenizer"))
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("jaxdpo_export_done")
+  return out_dir
+
+
+def source_hf_config(model_checkpoint: str) -> dict | None:
+  """The HF config.json carried by a converted checkpoint, if any (so exports stay convertible)."""
+  path = os.path.join(model_checkpoint, "hf_config.json") if model_checkpoint else ""
+  if path and os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return None

@@ -148,13 +148,28 @@ def vision_config_from_hf(v: dict) -> SiglipVisionConfig:
   size, patch = _get(v, "image_size", _VISION_DEFAULTS), _get(v, "patch_size", _VISION_DEFAULTS)
   if isinstance(size, (list, tuple)) or isinstance(patch, (list, tuple)):
     raise ConversionError(f"non-square image_size / patch_size ({size}, {patch}) are not supported")
+  def get(key):
+    return _get(v, key, _VISION_DEFAULTS)
   return SiglipVisionConfig(
-      hidden_size=_get(v, "hidden_size", _VISION_DEFAULTS), intermediate_size=_get(v, "intermediate_size", _VISION_DEFAULTS),
-      num_layers=_get(v, "num_hidden_layers", _VISION_DEFAULTS), num_heads=_get(v, "num_attention_heads", _VISION_DEFAULTS),
-      image_size=size, patch_size=patch, num_channels=_get(v, "num_channels", _VISION_DEFAULTS),
-      layer_norm_eps=float(_get(v, "layer_norm_eps", _VISION_DEFAULTS)), hidden_act=_get(v, "hidden_act", _VISION_DEFAULTS))
+      hidden_size=get("hidden_size"), intermediate_size=get("intermediate_size"), num_layers=get("num_hidden_layers"),
+      num_heads=get("num_attention_heads"), image_size=size, patch_size=patch, num_channels=get("num_channels"),
+      layer_norm_eps=float(get("layer_norm_eps")), hidden_act=get("hidden_act"))
 
 
+def _as_conversion_error(fn):
+  """Config validation errors (ValueError) surface as ConversionError, which the CLI reports."""
+  def wrapped(hf: dict):
+    try:
+      return fn(hf)
+    except ConversionError:
+      raise
+    except ValueError as e:
+      raise ConversionError(f"config.json: {e}") from e
+  wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+  return wrapped
+
+
+@_as_conversion_error
 def config_from_hf(hf: dict) -> Gemma3Config:
   """`Gemma3ForConditionalGeneration` config.json -> `Gemma3Config`."""
   text = text_config_from_hf(hf.get("text_config") or {}, causal_lm=False,
@@ -169,6 +184,7 @@ def config_from_hf(hf: dict) -> Gemma3Config:
                       eoi_token_id=idx("eoi_token_index", 256_000))
 
 
+@_as_conversion_error
 def causal_lm_config_from_hf(hf: dict) -> Gemma3TextConfig:
   """`Gemma3ForCausalLM` config.json -> `Gemma3TextConfig`."""
   return text_config_from_hf(hf, causal_lm=True)

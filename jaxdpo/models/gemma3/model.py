@@ -66,9 +66,20 @@ class Attention(nnx.Module):
     k_BTKH = layers.apply_rope(self.k_norm(self.k(x_BTD)), cos_BTH, sin_BTH)
     v_BTKH = self.v(x_BTD)
     new_cache = None
-    if cache is not None:
-      # Write this call's keys/values at `cache_index` and attend over the whole cache; the
-      # mask (window included) decides which slots count.
+    if cache is not None and self.layer_type == SLIDING:
+      # Ring buffer of the last W slots: attend over [ring as it was, this call's keys] (the mask
+      # knows each entry's slot), then keep the newest W of them, slot a at a % W.
+      ring_k, ring_v = cache
+      t, w = k_BTKH.shape[1], ring_k.shape[1]
+      n = min(t, w)
+      at = (cache_index + t - n + jnp.arange(n)) % w
+      new_cache = (ring_k.at[:, at].set(k_BTKH[:, t - n:].astype(ring_k.dtype)),
+                   ring_v.at[:, at].set(v_BTKH[:, t - n:].astype(ring_v.dtype)))
+      k_BTKH = jnp.concatenate([ring_k.astype(q_BTNH.dtype), k_BTKH], axis=1)
+      v_BTKH = jnp.concatenate([ring_v.astype(q_BTNH.dtype), v_BTKH], axis=1)
+    elif cache is not None:
+      # Global layers: write this call's keys/values at `cache_index` and attend over the
+      # whole cache; the mask decides which slots count.
       k_BSKH = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BTKH.astype(cache[0].dtype), cache_index, axis=1)
       v_BSKH = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BTKH.astype(cache[1].dtype), cache_index, axis=1)
       new_cache = (k_BSKH, v_BSKH)
@@ -179,8 +190,9 @@ class Gemma3TextModel(nnx.Module):
       image_groups_BT: optional int [B, T] bidirectional groups (see `image_groups`).
       masks: optional {layer kind: bool [B, T, S]} overriding the masks built from
         `segment_ids` (generation passes masks that span the cache).
-      kv_cache: optional list of per-layer (k [B, S, K, H], v [B, S, K, H]).
-      cache_index: int scalar, where this call's keys/values are written in the cache.
+      kv_cache: optional list of per-layer (k, v): [B, S, K, H] on global layers, a ring buffer
+        [B, W', K, H] on local layers (see the generation protocol below).
+      cache_index: int scalar, the cache slot of this call's first token.
 
     Returns:
       (hidden [B, T, D] after the final norm, new kv cache or None).
@@ -211,9 +223,10 @@ class Gemma3TextModel(nnx.Module):
 
   # ------------------------------------------------------------------------------------------
   # Generation protocol (driven by `jaxdpo.generate`). The cache is a plain dict:
-  #   kv            list over layers of (k [B, S, K, H], v [B, S, K, H]); sliding-window layers
-  #                 keep the full length too and apply the window in the mask, which is exact
-  #                 for any length (transformers keeps the last window-1 slots; same keys seen)
+  #   kv            list over layers of (k, v): [B, S, K, H] for global layers; for local
+  #                 layers a ring buffer [B, W', K, H] of the last W' = min(window, S) slots,
+  #                 slot a stored at a % W' (transformers keeps the last window-1 slots plus
+  #                 the new one: the same keys, so decoding stays exact past the window)
   #   index         int32 scalar, the next cache slot to write (shared by all rows)
   #   segment_ids   int32 [B, S], 1 for slots holding real tokens, 0 for padding / unwritten
   #   next_position int32 [B], the rotary position of the next token of each row
@@ -221,9 +234,12 @@ class Gemma3TextModel(nnx.Module):
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
     """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + new)."""
     cfg = self.config
-    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    ring = min(cfg.sliding_window, max_len)
+    def zeros(kind):
+      shape = (batch_size, max_len if kind == FULL else ring, cfg.num_kv_heads, cfg.head_dim)
+      return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
     return {
-        "kv": [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)],
+        "kv": [zeros(kind) for kind in cfg.layer_types],
         "index": jnp.zeros((), jnp.int32),
         "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
         "next_position": jnp.zeros((batch_size,), jnp.int32),
@@ -234,7 +250,8 @@ class Gemma3TextModel(nnx.Module):
     """Runs T new tokens per row against the cache and appends their keys/values.
 
     The new tokens occupy slots [index, index + T). They see earlier real slots (within the
-    window on local layers) and, causally or within their image, each other.
+    window on local layers) and, causally or within their image, each other. Causality and
+    windows follow cache slots, as transformers' do (left padding included).
 
     Returns:
       (hidden [B, T, D] after the final norm, updated cache; `next_position` is left to the
@@ -243,19 +260,34 @@ class Gemma3TextModel(nnx.Module):
     seg_BT = (segment_ids != 0).astype(jnp.int32)
     b, t = seg_BT.shape
     index = cache["index"]
-    kv_seg_BS = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], seg_BT, index, axis=1)
-    s = kv_seg_BS.shape[1]
-    # Causality and windows follow cache slots, as transformers' do (left padding included).
+    old_seg_BS = cache["segment_ids"]
+    s = old_seg_BS.shape[1]
+    kv_seg_BS = jax.lax.dynamic_update_slice_in_dim(old_seg_BS, seg_BT, index, axis=1)
     q_index_BT = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
-    kv_index_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    groups_kv = None
-    if image_groups_BT is not None:
-      groups_kv = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, s), jnp.int32),
-                                                      image_groups_BT.astype(jnp.int32), index, axis=1)
     # Padded queries get segment 1 so that their (unused) rows are not all masked.
-    masks = self.masks(jnp.ones_like(seg_BT), kv_seg_BS, q_index_BT, kv_index_BS, image_groups_BT, groups_kv)
+    q_seg_BT = jnp.ones_like(seg_BT)
+    groups_q = groups_kv = groups_ring = None
+    if image_groups_BT is not None:
+      groups_q = image_groups_BT.astype(jnp.int32)
+      groups_kv = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, s), jnp.int32), groups_q, index, axis=1)
+      groups_ring = jnp.concatenate([jnp.zeros((b, min(self.config.sliding_window, s)), jnp.int32), groups_q], 1)
+    # Global layers: the whole cache.
+    kv_index_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    full = layers.attention_mask(q_seg_BT, kv_seg_BS, q_index_BT, kv_index_BS, bidirectional_q=groups_q,
+                                 bidirectional_kv=groups_kv)
+    # Local layers: the ring as it was, then this call's tokens. Ring slot j holds the newest
+    # slot a < index with a % W' == j (none yet when a < 0).
+    w = min(self.config.sliding_window, s)
+    j = jnp.arange(w, dtype=jnp.int32)
+    ring_index = j + w * ((index - 1 - j) // w)
+    ring_seg_BW = jnp.where(ring_index >= 0, jnp.take(old_seg_BS, jnp.maximum(ring_index, 0), axis=1), 0)
+    local_index_BS = jnp.broadcast_to(jnp.concatenate([ring_index, index + jnp.arange(t, dtype=jnp.int32)]),
+                                      (b, w + t))
+    local = layers.attention_mask(q_seg_BT, jnp.concatenate([ring_seg_BW, seg_BT], axis=1), q_index_BT,
+                                  local_index_BS, sliding_window=self.config.sliding_window,
+                                  bidirectional_q=groups_q, bidirectional_kv=groups_ring)
     h_BTD, kv = self(positions=positions, segment_ids=seg_BT, input_ids=input_ids, inputs_embeds=inputs_embeds,
-                     masks=masks, kv_cache=cache["kv"], cache_index=index)
+                     masks={FULL: full, SLIDING: local}, kv_cache=cache["kv"], cache_index=index)
     return h_BTD, dict(cache, kv=kv, index=index + t, segment_ids=kv_seg_BS)
 
   def prefill_embeds(self, inputs_embeds, segment_ids, cache: dict, image_groups_BT=None):

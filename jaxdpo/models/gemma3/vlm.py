@@ -5,8 +5,13 @@ padding images (e.g. zeros) beyond those referenced. Image i fills, in order, th
 `mm_tokens_per_image` image-placeholder tokens of the batch read row-major, exactly as
 transformers' `masked_scatter` does; unreferenced images are encoded and ignored. So the only
 bookkeeping is the placeholder ids themselves (`config.image_token_id`, as the processor
-writes them). Callers that encode images once for several rows (DPO's chosen and rejected
-share their prompt images) can pass `image_embeds` [I, M, D] from `encode_images` instead.
+writes them).
+
+Sharing images between rows (DPO's chosen and rejected rows repeat their prompt's images):
+pass `image_index` int [R], R >= the number of placeholder runs in the batch, so that run r
+(row-major) takes image `image_index[r]`; then each distinct image is encoded once. Soft
+tokens computed elsewhere can be passed as `image_embeds` [I, M, D] (from `encode_images`)
+instead of `pixel_values`.
 """
 
 from __future__ import annotations
@@ -54,10 +59,18 @@ class Gemma3VLM(nnx.Module):
     else:
       return x_BTD, None
     b, t, d = x_BTD.shape
-    feats_ND = feats_IMD.reshape(-1, d).astype(x_BTD.dtype)
+    feats_IMD = feats_IMD.astype(x_BTD.dtype)
     # k-th placeholder of the batch (row-major) <- k-th soft token, as masked_scatter does.
     slot_BT = jnp.cumsum(is_image_BT.reshape(-1).astype(jnp.int32)).reshape(b, t) - 1
-    spliced_BTD = jnp.take(feats_ND, jnp.clip(slot_BT, 0, feats_ND.shape[0] - 1), axis=0)
+    if "image_index" in inputs:
+      # Run r of placeholders takes image image_index[r]: rows can share one encoded image.
+      m = feats_IMD.shape[1]
+      index_R = inputs["image_index"]
+      image_BT = jnp.take(index_R, jnp.clip(slot_BT // m, 0, index_R.shape[0] - 1))
+      spliced_BTD = feats_IMD[jnp.clip(image_BT, 0, feats_IMD.shape[0] - 1), jnp.maximum(slot_BT, 0) % m]
+    else:
+      feats_ND = feats_IMD.reshape(-1, d)
+      spliced_BTD = jnp.take(feats_ND, jnp.clip(slot_BT, 0, feats_ND.shape[0] - 1), axis=0)
     x_BTD = jnp.where(is_image_BT[..., None], spliced_BTD, x_BTD)
     return x_BTD, image_groups(is_image_BT)
 
@@ -65,7 +78,8 @@ class Gemma3VLM(nnx.Module):
     """Family-neutral entry used by DPO/SFT steps: inputs dict -> hidden [B, T, D].
 
     Keys: `input_ids`, `segment_ids` (0 = pad), `positions` (all int [B, T]); optionally
-    `pixel_values` [I, 3, S, S] or `image_embeds` [I, M, D] (see the module docstring).
+    `pixel_values` [I, 3, S, S] or `image_embeds` [I, M, D], and `image_index` [R] (see the
+    module docstring).
     """
     x_BTD, groups_BT = self.embed_inputs(inputs)
     h_BTD, _ = self.language_model(inputs_embeds=x_BTD, positions=inputs["positions"],

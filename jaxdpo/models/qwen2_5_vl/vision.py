@@ -11,11 +11,16 @@ needs no permutation.
 
 Extra letters (on top of those in `layers`): P packed patches, E flattened patch pixels
 (C * t * p * p), J the three q/k/v projections, M patches per merged token (merge**2), G merged
-tokens (P / M), O output width (the text model's width).
+tokens (P / M), O output width (the text model's width). B counts rows of packed images.
 
 Static shapes under jit: `pixel_values` [P, E] and `grid_thw` [I, 3] may be padded at the end
 (zero pixel rows, zero grid rows); P must be a multiple of M. Padding patches form their own
 segment (-1), so no attention row is empty, and their outputs are never read.
+
+Images may also be packed into several rows, `pixel_values` [R, P, E] with `grid_thw` [R, I, 3]
+(each row laid out as above). Attention never crosses an image, so splitting the packed sequence
+at image boundaries is exact, and the dense [P, P] masks stay small when a batch holds many
+large images. A 2D input is one row.
 """
 
 from __future__ import annotations
@@ -79,10 +84,10 @@ def patch_layout(grid_thw, num_patches: int, cfg: VisionConfig) -> dict[str, jax
 
 def rope_2d(h_pos, w_pos, head_size: int, theta: float):
   """Axial 2D rotary tables: the first half of each rotation pair's frequencies reads the row,
-  the second the column. Returns (cos, sin), fp32 [P, H]."""
+  the second the column. Returns (cos, sin), fp32 [..., H] for positions [...]."""
   inv_freq = layers.rope_inv_freq(head_size // 2, theta)  # [H/4]
-  freqs = jnp.concatenate([h_pos.astype(jnp.float32)[:, None] * inv_freq,
-                           w_pos.astype(jnp.float32)[:, None] * inv_freq], axis=-1)
+  freqs = jnp.concatenate([h_pos.astype(jnp.float32)[..., None] * inv_freq,
+                           w_pos.astype(jnp.float32)[..., None] * inv_freq], axis=-1)
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
@@ -135,16 +140,17 @@ class PatchMerger(nnx.Module):
     f = d * mu
     self.merge_unit = mu
     self.ln_q = layers.RMSNorm(d, eps=cfg.rms_norm_eps, rngs=rngs, dtype=dtype, axes=("vision_embed",))
-    self.fc1 = layers.Einsum("GMD,MDF->GF", (mu, d, f), (None, "vision_embed", "vision_mlp"), bias_shape=(f,),
+    self.fc1 = layers.Einsum("BGMD,MDF->BGF", (mu, d, f), (None, "vision_embed", "vision_mlp"), bias_shape=(f,),
                              bias_axes=("vision_mlp",), rngs=rngs, dtype=dtype)
-    self.fc2 = layers.Einsum("GF,FO->GO", (f, o), ("vision_mlp", "embed"), bias_shape=(o,), bias_axes=("embed",),
+    self.fc2 = layers.Einsum("BGF,FO->BGO", (f, o), ("vision_mlp", "embed"), bias_shape=(o,), bias_axes=("embed",),
                              rngs=rngs, dtype=dtype)
 
-  def __call__(self, x_PD):
-    x_PD = self.ln_q(x_PD)
+  def __call__(self, x_BPD):
+    x_BPD = self.ln_q(x_BPD)
     # The processor emits the patches of one merged token consecutively.
-    x_GMD = x_PD.reshape(x_PD.shape[0] // self.merge_unit, self.merge_unit, x_PD.shape[1])
-    return self.fc2(jax.nn.gelu(self.fc1(x_GMD), approximate=False))
+    b, p, d = x_BPD.shape
+    x_BGMD = x_BPD.reshape(b, p // self.merge_unit, self.merge_unit, d)
+    return self.fc2(jax.nn.gelu(self.fc1(x_BGMD), approximate=False))
 
 
 class VisionTower(nnx.Module):
@@ -154,37 +160,39 @@ class VisionTower(nnx.Module):
                attention_impl: str | None = None):
     self.config = cfg
     # Conv3d with kernel = stride = (t, p, p) over flattened patches is a plain matmul.
-    self.patch_embed = layers.Einsum("PE,ED->PD", (cfg.patch_dim, cfg.hidden_size), ("vision_patch", "vision_embed"),
+    self.patch_embed = layers.Einsum("BPE,ED->BPD", (cfg.patch_dim, cfg.hidden_size), ("vision_patch", "vision_embed"),
                                      rngs=rngs, dtype=param_dtype)
     self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=param_dtype, attention_impl=attention_impl)
                             for _ in range(cfg.depth)])
     self.merger = PatchMerger(cfg, rngs=rngs, dtype=param_dtype)
 
-  def __call__(self, pixel_values_PE, grid_thw, *, return_hidden: bool = False):
+  def __call__(self, pixel_values, grid_thw, *, return_hidden: bool = False):
     """Encodes packed patches.
 
     Args:
-      pixel_values_PE: [P, E] flattened patches of all images (processor order), end-padded.
-      grid_thw: int [I, 3] grids of the images, end-padded with zero rows.
-      return_hidden: also return the last block's output [P, D] (before the merger).
+      pixel_values: [P, E] flattened patches of all images (processor order), end-padded; or
+        [R, P, E], several such rows.
+      grid_thw: int [I, 3] grids of the images, end-padded with zero rows; or [R, I, 3].
+      return_hidden: also return the last block's output [R, P, D] (before the merger).
 
     Returns:
-      merged tokens [P / M, O] in processor order (padding rows at the end), and optionally the
-      pre-merger hidden states.
+      merged tokens [R, P / M, O] (R = 1 for 2D inputs) in processor order, padding at the end of
+      each row; and optionally the pre-merger hidden states.
     """
     cfg = self.config
-    num_patches = pixel_values_PE.shape[0]
+    if pixel_values.ndim == 2:
+      pixel_values, grid_thw = pixel_values[None], jnp.asarray(grid_thw)[None]
+    num_patches = pixel_values.shape[1]
     if num_patches % cfg.merge_unit:
       raise ValueError(f"the patch sequence length {num_patches} must be a multiple of {cfg.merge_unit}")
-    layout = patch_layout(grid_thw, num_patches, cfg)
-    cos_PH, sin_PH = rope_2d(layout["h_pos"], layout["w_pos"], cfg.head_size, cfg.rope_theta)
-    frames_1P, windows_1P = layout["frame_ids"][None], layout["window_ids"][None]
-    full_mask = layers.attention_mask(frames_1P, frames_1P, causal=False)
-    window_mask = layers.attention_mask(windows_1P, windows_1P, causal=False)
-    dtype = self.patch_embed.kernel.dtype
-    x_1PD = self.patch_embed(pixel_values_PE.astype(dtype))[None]
+    layout = jax.vmap(lambda g: patch_layout(g, num_patches, cfg))(jnp.asarray(grid_thw))
+    cos_BPH, sin_BPH = rope_2d(layout["h_pos"], layout["w_pos"], cfg.head_size, cfg.rope_theta)
+    frames_BP, windows_BP = layout["frame_ids"], layout["window_ids"]
+    full_mask = layers.attention_mask(frames_BP, frames_BP, causal=False)
+    window_mask = layers.attention_mask(windows_BP, windows_BP, causal=False)
+    x_BPD = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))
     for i, block in enumerate(self.blocks):
       mask = full_mask if i in cfg.fullatt_block_indexes else window_mask
-      x_1PD = block(x_1PD, cos_PH[None], sin_PH[None], mask)
-    merged_GO = self.merger(x_1PD[0])
-    return (merged_GO, x_1PD[0]) if return_hidden else merged_GO
+      x_BPD = block(x_BPD, cos_BPH, sin_BPH, mask)
+    merged_BGO = self.merger(x_BPD)
+    return (merged_BGO, x_BPD) if return_hidden else merged_BGO

@@ -13,9 +13,15 @@ Model inputs (a dict; every shape static under jit):
                 appearance (row-major over the batch), zero rows appended to a bucket size
                 (a multiple of spatial_merge_size**2).
   image_grid_thw int [I, 3] the images' grids in the same order, zero rows appended.
-The k-th image-pad token of the batch (row-major) receives the k-th merged vision token, as in
-transformers; padding rows of `pixel_values` come last so they are never read. Text-only batches
-may omit `pixel_values` / `image_grid_thw` (or give P = 0).
+  Or, packed into R vision rows (`inputs.pack_vision`): pixel_values [R, P, E] and
+  image_grid_thw [R, I, 3], images kept in order and each row end-padded; this bounds the
+  vision attention masks at [P, P] per row when a batch holds many large images.
+The k-th image-pad token of the batch (row-major) receives the k-th real merged vision token, as
+in transformers; padding patches are never read.
+  vision_row    optional int [B] (with 3D pixel_values): text row b takes its image tokens, in
+                order, from vision row vision_row[b] instead; rows sharing images (a DPO
+                pair) share a vision row, so the vision tower runs once for both. Text-only batches may omit `pixel_values` /
+`image_grid_thw` (or give P = 0).
 """
 
 from __future__ import annotations
@@ -28,11 +34,39 @@ from jaxdpo.models.qwen2_5_vl.model import Qwen2Decoder, text_positions
 from jaxdpo.models.qwen2_5_vl.vision import VisionTower
 
 
-def splice_images(x_BTD, features_GO, image_mask_BT):
-  """Puts the k-th row of `features_GO` where the k-th True of `image_mask_BT` (row-major) is."""
-  flat = image_mask_BT.reshape(-1).astype(jnp.int32)
-  index_BT = jnp.clip(jnp.cumsum(flat) - 1, 0, features_GO.shape[0] - 1).reshape(image_mask_BT.shape)
-  return jnp.where(image_mask_BT[..., None], features_GO[index_BT].astype(x_BTD.dtype), x_BTD)
+def merged_counts(image_grid_thw, merge_unit: int):
+  """Real merged tokens per row of packed images: int [R] from grids [I, 3] or [R, I, 3]."""
+  grid = jnp.asarray(image_grid_thw)
+  grid = grid[None] if grid.ndim == 2 else grid
+  return jnp.sum(jnp.prod(grid, axis=-1), axis=-1) // merge_unit
+
+
+def splice_images(x_BTD, features_RGO, counts_R, image_mask_BT):
+  """Puts the k-th real vision token where the k-th True of `image_mask_BT` (row-major) is.
+
+  Args:
+    x_BTD: token embeddings.
+    features_RGO: merged vision tokens, R rows of G slots; row r holds `counts_R[r]` real
+      tokens first, then padding. Real tokens are ordered row by row.
+    counts_R: int [R].
+    image_mask_BT: bool, the image-pad tokens.
+  """
+  r, g, o = features_RGO.shape
+  k_BT = (jnp.cumsum(image_mask_BT.reshape(-1).astype(jnp.int32)) - 1).reshape(image_mask_BT.shape)
+  ends_R = jnp.cumsum(counts_R)
+  row_BT = jnp.minimum(jnp.searchsorted(ends_R, k_BT, side="right"), r - 1)
+  slot_BT = jnp.clip(k_BT - (ends_R - counts_R)[row_BT], 0, g - 1)
+  features_BTO = features_RGO.reshape(r * g, o)[row_BT * g + slot_BT]
+  return jnp.where(image_mask_BT[..., None], features_BTO.astype(x_BTD.dtype), x_BTD)
+
+
+def splice_images_by_row(x_BTD, features_RGO, vision_row_B, image_mask_BT):
+  """Like `splice_images`, but text row b reads its placeholders, in order, from vision row
+  `vision_row_B[b]` (rows may share a vision row: a DPO pair's chosen and rejected)."""
+  r, g, o = features_RGO.shape
+  k_BT = jnp.clip(jnp.cumsum(image_mask_BT.astype(jnp.int32), axis=1) - 1, 0, g - 1)
+  features_BTO = features_RGO.reshape(r * g, o)[vision_row_B[:, None] * g + k_BT]
+  return jnp.where(image_mask_BT[..., None], features_BTO.astype(x_BTD.dtype), x_BTD)
 
 
 class Qwen2_5_VL(nnx.Module):
@@ -44,24 +78,29 @@ class Qwen2_5_VL(nnx.Module):
     self.visual = VisionTower(cfg.vision, rngs=rngs, param_dtype=param_dtype, attention_impl=attention_impl)
     self.language_model = Qwen2Decoder(cfg.text, rngs=rngs, param_dtype=param_dtype, attention_impl=attention_impl)
 
-  def image_features(self, pixel_values_PE, image_grid_thw):
-    """Merged vision tokens [P / 4, D] of the packed images (padding rows at the end)."""
-    return self.visual(pixel_values_PE, image_grid_thw)
+  def image_features(self, pixel_values, image_grid_thw):
+    """Merged vision tokens [R, P / 4, D] of the packed images (padding at the end of each row)."""
+    return self.visual(pixel_values, image_grid_thw)
 
   def embed(self, inputs: dict):
     """Token embeddings with image features spliced in at the image-pad tokens: [B, T, D]."""
     ids, seg = inputs["input_ids"], inputs["segment_ids"]
     x_BTD = self.language_model.embed(ids)
     pixels = inputs.get("pixel_values")
-    if pixels is None or pixels.shape[0] == 0:
+    if pixels is None or pixels.size == 0:
       return x_BTD
-    features_GD = self.image_features(pixels, inputs["image_grid_thw"])
-    return splice_images(x_BTD, features_GD, (ids == self.config.image_token_id) & (seg != 0))
+    grid = inputs["image_grid_thw"]
+    features_RGD = self.image_features(pixels, grid)
+    image_mask_BT = (ids == self.config.image_token_id) & (seg != 0)
+    if "vision_row" in inputs:
+      return splice_images_by_row(x_BTD, features_RGD, inputs["vision_row"], image_mask_BT)
+    counts_R = merged_counts(grid, self.config.vision.merge_unit)
+    return splice_images(x_BTD, features_RGD, counts_R, image_mask_BT)
 
   def _positions(self, inputs: dict):
     if "positions" in inputs:
       return inputs["positions"]
-    if inputs.get("pixel_values") is not None and inputs["pixel_values"].shape[0] > 0:
+    if inputs.get("pixel_values") is not None and inputs["pixel_values"].size > 0:
       raise ValueError("Qwen2.5-VL inputs with images need `positions` [3, B, T] from "
                        "jaxdpo.models.qwen2_5_vl.rope_index.get_rope_index (or inputs.make_inputs)")
     return text_positions(inputs["segment_ids"])

@@ -1,0 +1,58 @@
+"""`config.job = "eval"`: generate for every record, detect degeneration, summarise.
+
+Outputs (in the workdir):
+  generations.jsonl   one object per record: prompt, reference, hypothesis, tokens,
+                      num_generated, hit_limit, is_degenerate, is_early_loop, loop_period, ...
+  eval_summary.json   degeneration rate with a 95% Wilson interval, n, CER/WER (jiwer),
+                      generated-token stats, the share of wall time spent on degenerate outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+from flax import nnx
+
+from jaxdpo import eval_stats, jsonio, model_setup, sampling_run
+from jaxdpo import sharding as shd
+from jaxdpo.data import tokenize
+
+
+def load_generation_model(config):
+  """The model for generation, from `model.checkpoint` (e.g. a training job's `DIR/model`)."""
+  rules = model_setup.parse_rules(config.sharding_rules)
+  mesh = shd.make_mesh(config.mesh)
+  bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed)
+  return bundle, nnx.merge(bundle.graphdef, bundle.params)
+
+
+def summary_for(rows, config) -> dict:
+  summary = eval_stats.summarize(rows)
+  summary["degeneration_config"] = dataclasses.asdict(sampling_run.degeneration_config(config))
+  summary["generate"] = config.generate.to_dict()
+  summary["model"] = config.model.checkpoint or f"{config.model.family}:{config.model.preset} (random init)"
+  return summary
+
+
+def run(config, workdir: str) -> dict:
+  """Runs the eval job; returns the summary."""
+  if not config.data.prompts:
+    raise ValueError("config.data.prompts is empty: the eval job needs {prompt, reference?} records")
+  tok = tokenize.load_tokenizer(config.data.tokenizer)
+  items = sampling_run.load_prompts(config.data.prompts, tok, config)
+  _, model = load_generation_model(config)
+  g = config.generate
+  rows = sampling_run.run_generation(
+      model, tok, items, params=sampling_run.SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k),
+      batch_size=g.batch_size, max_prompt_length=g.max_prompt_length, seed=config.seed,
+      degen_cfg=sampling_run.degeneration_config(config), desc="eval", progress=config.train.progress)
+  summary = summary_for(rows, config)
+  if jax.process_index() == 0:
+    jsonio.write_jsonl(os.path.join(workdir, "generations.jsonl"), rows)
+    jsonio.write_json(os.path.join(workdir, "eval_summary.json"), summary)
+    print(f"degeneration rate {summary['degeneration_rate']:.4f} "
+          f"(95% CI {summary['degeneration_rate_ci95'][0]:.4f}-{summary['degeneration_rate_ci95'][1]:.4f}, "
+          f"n={summary['n']}), CER {summary['cer']}, WER {summary['wer']}")
+  return summary

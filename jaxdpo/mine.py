@@ -1,0 +1,101 @@
+"""`config.job = "mine"`: preference pairs from the model's own failures.
+
+For every {"prompt", "reference"?, "images"?} record, sample `mine.num_samples` completions,
+mark the degenerate ones, and write a pair in the DPO job's input format:
+  chosen   = the reference transcription (`mine.chosen = "reference"`), or the non-degenerate
+             sample with the lowest CER against the reference (`"best_sample"`);
+  rejected = a degenerate sample (`mine.rejected = "degenerate"`), or, when none degenerated,
+             the sample with the highest CER (`"worst_cer"`).
+Outputs: `pairs.jsonl` (feed it to the dpo job as `data.train`), `samples.jsonl` (every sample
+with its verdict) and `mine_summary.json` (how many records yielded a pair, and why not).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from jaxdpo import eval_job, eval_stats, jsonio, sampling_run
+from jaxdpo.data import tokenize
+
+CHOSEN = ("reference", "best_sample")
+REJECTED = ("degenerate", "worst_cer")
+
+
+def _cer(ref, hyp) -> float:
+  return eval_stats.cer([ref], [hyp]) if ref else float("inf")
+
+
+def pick_pair(samples: list[dict], reference, *, chosen_mode: str, rejected_mode: str):
+  """(chosen text, rejected sample) for one record, or (None, reason) when it yields no pair."""
+  degenerate = [s for s in samples if s["is_degenerate"]]
+  if degenerate:
+    rejected = degenerate[0]
+  elif rejected_mode == "worst_cer" and reference:
+    rejected = max(samples, key=lambda s: _cer(reference, s["hypothesis"]))
+  else:
+    return None, "no_degenerate_sample"
+  if chosen_mode == "reference":
+    if not reference:
+      return None, "no_reference"
+    chosen = reference
+  else:
+    clean = [s for s in samples if not s["is_degenerate"] and s is not rejected]
+    if not clean or not reference:
+      return None, "no_clean_sample" if reference else "no_reference"
+    chosen = min(clean, key=lambda s: _cer(reference, s["hypothesis"]))["hypothesis"]
+  if not rejected["hypothesis"].strip():
+    return None, "empty_rejected"
+  if chosen.strip() == rejected["hypothesis"].strip():
+    return None, "rejected_equals_chosen"
+  return (chosen, rejected), None
+
+
+def run(config, workdir: str) -> dict:
+  """Runs the mine job; returns the summary."""
+  m = config.mine
+  if m.chosen not in CHOSEN or m.rejected not in REJECTED:
+    raise ValueError(f"config.mine.chosen={m.chosen!r} (expected {CHOSEN}), config.mine.rejected={m.rejected!r} "
+                     f"(expected {REJECTED})")
+  if m.num_samples < 1:
+    raise ValueError(f"config.mine.num_samples must be >= 1, got {m.num_samples}")
+  if not config.data.prompts:
+    raise ValueError("config.data.prompts is empty: the mine job needs {prompt, reference} records")
+  tok = tokenize.load_tokenizer(config.data.tokenizer)
+  items = sampling_run.load_prompts(config.data.prompts, tok, config)
+  _, model = eval_job.load_generation_model(config)
+  rows = sampling_run.run_generation(
+      model, tok, items,
+      params=sampling_run.SamplingParams(config.generate.max_new_tokens, m.temperature, m.top_p, m.top_k),
+      batch_size=config.generate.batch_size, max_prompt_length=config.generate.max_prompt_length,
+      num_samples=m.num_samples, seed=config.seed, degen_cfg=sampling_run.degeneration_config(config), desc="mine",
+      progress=config.train.progress)
+  by_record: dict[int, list[dict]] = {}
+  for r in rows:
+    by_record.setdefault(r["index"], []).append(r)
+  pairs, reasons = [], {}
+  for i, (rec, _) in enumerate(items):
+    picked, reason = pick_pair(by_record[i], rec.fields.get("reference"), chosen_mode=m.chosen,
+                               rejected_mode=m.rejected)
+    if picked is None:
+      reasons[reason] = reasons.get(reason, 0) + 1
+      continue
+    chosen, rejected = picked
+    pair = {"prompt": rec.fields["prompt"], "chosen": chosen, "rejected": rejected["hypothesis"],
+            "source": rec.where, "rejected_is_degenerate": rejected["is_degenerate"]}
+    if rec.fields.get("images"):
+      pair["images"] = list(rec.fields["images"])
+    pairs.append(pair)
+  summary = {
+      "records": len(items), "samples": len(rows), "degenerate_samples": sum(r["is_degenerate"] for r in rows),
+      "records_with_degenerate_sample": sum(any(s["is_degenerate"] for s in v) for v in by_record.values()),
+      "pairs": len(pairs), "records_without_pair": reasons, "chosen": m.chosen, "rejected": m.rejected,
+  }
+  if jax.process_index() == 0:
+    jsonio.write_jsonl(os.path.join(workdir, "samples.jsonl"), rows)
+    jsonio.write_jsonl(os.path.join(workdir, "pairs.jsonl"), pairs)
+    jsonio.write_json(os.path.join(workdir, "mine_summary.json"), summary)
+    print(f"mined {len(pairs)} pairs from {len(items)} records ({summary['degenerate_samples']} degenerate samples "
+          f"of {len(rows)})")
+  return summary

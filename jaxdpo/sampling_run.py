@@ -1,0 +1,90 @@
+"""Generation over a dataset of prompts, with degeneration verdicts: the engine of eval and mine."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxdpo import degeneration, generate
+from jaxdpo.data import pipeline, records, tokenize
+
+
+def degeneration_config(config) -> degeneration.DegenerationConfig:
+  d = config.degeneration
+  return degeneration.DegenerationConfig(min_period=d.min_period, max_period=d.max_period, min_repeats=d.min_repeats,
+                                         tail_window=d.tail_window, min_tail_coverage=d.min_tail_coverage)
+
+
+def load_prompts(source: str, tok, config) -> list[tuple[records.Record, tokenize.TokenizedSeq]]:
+  """Validated and tokenized {"prompt", "reference"?, "images"?} records."""
+  out = []
+  for where, row in records.load_rows(source, config.data.split):
+    rec = records.validate_completion(where, row, completion_field="reference", require_completion=False)
+    if rec.fields.get("images"):
+      raise records.DataError(f"{where}: field 'images': generation with images is not wired into the eval/mine "
+                              "jobs yet (see BUILD_NOTES.md, known gaps)")
+    out.append((rec, tokenize.tokenize_prompt(tok, rec, max_prompt_length=config.generate.max_prompt_length,
+                                              truncation=config.data.truncation,
+                                              use_chat_template=config.data.use_chat_template)))
+  if not out:
+    raise records.DataError(f"{source}: no records")
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  max_new_tokens: int
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int = 0
+
+
+def run_generation(model, tok, items, *, params: SamplingParams, batch_size: int, max_prompt_length: int,
+                   num_samples: int = 1, seed: int = 0, degen_cfg=None, desc: str = "generate",
+                   progress: bool = True) -> list[dict]:
+  """Generates `num_samples` completions per item; returns one JSON-able dict per sample.
+
+  Every batch is left-padded to `max_prompt_length` and has `batch_size` rows (the last one
+  padded with copies), so the whole run uses one compiled program.
+  """
+  degen_cfg = degen_cfg or degeneration.DegenerationConfig()
+  pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  eos = tok.eos_token_id
+  jobs = [(i, s) for i in range(len(items)) for s in range(num_samples)]
+  out = []
+  key = jax.random.key(seed)
+  bar = tqdm(total=len(jobs), desc=desc, disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+  for batch_id, start in enumerate(range(0, len(jobs), batch_size)):
+    chunk = jobs[start:start + batch_size]
+    n = len(chunk)
+    rows = chunk + [chunk[-1]] * (batch_size - n)
+    inputs = pipeline.collate_prompts_left([items[i][1].prompt for i, _ in rows], length=max_prompt_length,
+                                           pad_id=pad_id)
+    t0 = time.perf_counter()
+    res = generate.generate(model, inputs, max_new_tokens=params.max_new_tokens, eos_token_id=eos, pad_token_id=pad_id,
+                            rng=jax.random.fold_in(key, batch_id), temperature=params.temperature,
+                            top_p=params.top_p, top_k=params.top_k)
+    res = jax.device_get(res)
+    seconds = time.perf_counter() - t0
+    verdicts = degeneration.detect_generation(res.tokens, res.num_generated, res.hit_limit, degen_cfg)
+    for row, (i, s) in enumerate(chunk):
+      rec = items[i][0]
+      ng = int(res.num_generated[row])
+      toks = [int(t) for t in res.tokens[row, :ng]]
+      v = verdicts[row]
+      out.append({
+          "where": rec.where, "index": i, "sample": s, "prompt": rec.fields["prompt"],
+          "reference": rec.fields.get("reference"),
+          "hypothesis": tok.decode(toks, skip_special_tokens=True),
+          "tokens": toks, "num_generated": ng, "hit_limit": bool(res.hit_limit[row]),
+          "is_degenerate": v.is_degenerate, "is_early_loop": v.is_early_loop, "loop_period": v.period,
+          "batch_id": batch_id, "batch_wall_time_s": seconds,
+          **({"images": list(rec.fields["images"])} if rec.fields.get("images") else {}),
+      })
+    bar.update(n)
+  bar.close()
+  return out

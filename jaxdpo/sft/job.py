@@ -1,0 +1,49 @@
+"""`config.job = "sft"`: completion-only fine-tuning on {"prompt", "completion", "images"?} records."""
+
+from __future__ import annotations
+
+import jax
+from tqdm.auto import tqdm
+
+from jaxdpo import model_setup, optim, train
+from jaxdpo import sharding as shd
+from jaxdpo.data import pipeline, records, tokenize
+from jaxdpo.dpo import job as dpo_job
+from jaxdpo.sft import step as sft_step
+
+
+def tokenize_sft(source: str, tok, config, *, desc: str) -> list[tokenize.TokenizedSeq]:
+  """Loads, validates and tokenizes every SFT record before training."""
+  d = config.data
+  rows = records.load_rows(source, d.split)
+  recs = [records.validate_completion(w, r) for w, r in rows]
+  return [tokenize.tokenize_completion(tok, r, max_length=d.max_length, truncation=d.truncation,
+                                       max_prompt_length=d.max_prompt_length or None,
+                                       use_chat_template=d.use_chat_template)
+          for r in tqdm(recs, desc=f"tokenize {desc}", disable=not config.train.progress or jax.process_index())]
+
+
+def run(config, workdir: str) -> dict:
+  """Runs SFT; exports the final model to `workdir/model`."""
+  rules = model_setup.parse_rules(config.sharding_rules)
+  mesh = shd.make_mesh(config.mesh)
+  shd.check_batch(config.train.batch_size, mesh, rules)
+  tok = tokenize.load_tokenizer(config.data.tokenizer)
+  examples = tokenize_sft(config.data.train, tok, config, desc="train")
+  bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed)
+  dpo_job.check_vocab(tok, bundle.config, config.data.tokenizer)
+  scfg = dpo_job.step_config(config, bundle.config)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
+  state = train.init_state(bundle, tx, mesh)
+  step_fn = sft_step.make_train_step(bundle.graphdef, tx, scfg, mesh, jax.tree.map(lambda x: x.sharding, state),
+                                     schedule)
+  pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  collate = lambda b: pipeline.collate_seqs(b, max_length=config.data.max_length, pad_id=pad_id)
+  iterator = pipeline.make_iterator(examples, batch_size=config.train.batch_size // jax.process_count(),
+                                    collate=collate, seed=config.seed, shuffle=config.data.shuffle,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
+  spec = train.LoopSpec(step_fn=step_fn, state=state, ref=None, iterator=iterator, desc="sft")
+  last = train.run_loop(config, workdir, mesh, spec)
+  if int(jax.device_get(spec.state["step"])) >= config.train.num_steps:
+    train.export_final_model(workdir, config, bundle, spec.state["params"])
+  return last
