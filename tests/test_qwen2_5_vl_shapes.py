@@ -68,3 +68,23 @@ def test_parameter_count_equals_transformers():
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(pure))
   assert count == hf_count == 3_754_622_976
   assert visual == hf_visual
+
+
+def test_full_size_forward_traces_abstractly():
+  """The 3B model traces end to end on an OCR-sized page (no compute, no allocation)."""
+  from flax import nnx
+  cfg = qcfg.qwen2_5_vl_3b()
+  family = registry.get_family("qwen2_5_vl")
+  grid = np.array([[[1, 64, 80]]], np.int32)  # a 896 x 1120 page: 5120 patches, 1280 image tokens
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+  inputs = {"input_ids": spec((2, 1400), np.int32), "segment_ids": spec((2, 1400), np.int32),
+            "positions": spec((3, 2, 1400), np.int32), "pixel_values": spec((1, 5120, 1176), np.float32),
+            "image_grid_thw": grid}
+
+  def forward(inputs):
+    model = family.build(cfg, nnx.Rngs(0), jax.numpy.bfloat16)
+    return model.hidden_states(inputs), model.image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+
+  h, feats = jax.eval_shape(forward, inputs)
+  assert h.shape == (2, 1400, 2048) and h.dtype == jax.numpy.bfloat16
+  assert feats.shape == (1, 1280, 2048)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxdpo import distributed, model_setup, optim, train
+from jaxdpo import distributed, memory, model_setup, optim, train
 from jaxdpo import sharding as shd
 from jaxdpo.data import pipeline, records, tokenize
 from jaxdpo.dpo import losses, step as step_lib
@@ -107,6 +107,8 @@ def run(config, workdir: str) -> dict:
   train_examples = tokenize_preferences(config.data.train, tok, config, desc="train")
   eval_examples = tokenize_preferences(config.data.eval, tok, config, desc="eval") if config.data.eval else []
 
+  # Per-device memory from shapes alone: a run that cannot fit stops before anything is allocated.
+  plan = memory.report_and_check(memory.plan_dpo(config, mesh, rules), config.train.device_memory_gb)
   bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed)
   check_vocab(tok, bundle.config, config.data.tokenizer)
   scfg = step_config(config, bundle.config)
@@ -134,6 +136,8 @@ def run(config, workdir: str) -> dict:
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   ref_sh = None if ref_params is None else bundle.param_shardings
   step_fn = step_lib.make_train_step(bundle.graphdef, tx, scfg, mesh, state_sh, ref_sh, schedule)
+  memory.compiled_check(plan, step_fn, state, ref_params, collate(train_examples[:1]), config.train.batch_size, mesh,
+                        config.train.device_memory_gb)  # compiles the step once; the loop reuses it
 
   iterator = pipeline.make_iterator(train_examples, batch_size=config.train.batch_size, collate=collate,
                                     seed=config.seed, shuffle=config.data.shuffle, host_rows=rows)

@@ -1,0 +1,267 @@
+"""Per-device memory plan of a DPO run, made before anything large is allocated.
+
+Two sources, both per device:
+  * shapes (`plan_dpo`): the parameter tree from `nnx.eval_shape`, the optimizer state from
+    `jax.eval_shape(tx.init, ...)`, each leaf divided by its sharding. Exact for parameters,
+    optimizer state and the reference copy; activations are a formula (see
+    `estimate_activations`). Nothing is allocated and nothing is compiled.
+  * the compiled step (`refine_with_compiled`): XLA's own buffer assignment
+    (`compiled.memory_analysis()`), where the backend provides one. It replaces the activation
+    estimate with the program's temporaries.
+
+`check` refuses a plan that exceeds the per-device budget, with the changes that would help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import jax
+import numpy as np
+
+from jaxdpo import sharding as shd
+
+log = logging.getLogger("jaxdpo")
+
+GIB = 1 << 30
+
+
+class MemoryPlanError(ValueError):
+  """The run cannot fit in device memory; the message lists what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+  """Per-device bytes of one training step.
+
+  Attributes:
+    params: the policy's parameters.
+    opt_state: optimizer state (AdamW: mu and nu, each the size of the parameters, plus counters).
+    reference: the frozen reference copy (0 for `dpo.reference=cached` or reference-free).
+    gradients: one parameter-sized gradient tree (eval_shape source; inside `activations` once
+      compiled, where XLA counts it among the temporaries).
+    activations: estimated saved activations (eval_shape), or the compiled program's temporaries
+      and non-donated outputs.
+    batch: the step's input batch.
+    source: "eval_shape" or "compiled".
+    num_devices, fsdp: the mesh, for the advice.
+  """
+
+  params: int
+  opt_state: int
+  reference: int
+  gradients: int
+  activations: int
+  batch: int
+  source: str
+  num_devices: int = 1
+  fsdp: int = 1
+
+  @property
+  def total(self) -> int:
+    return self.params + self.opt_state + self.reference + self.gradients + self.activations + self.batch
+
+  def report(self, limit: int | None = None) -> str:
+    """A small table, in GiB per device."""
+    act = "activations (estimated)" if self.source == "eval_shape" else "activations + temporaries (compiled)"
+    rows = [("parameters", self.params), ("optimizer state", self.opt_state), ("reference", self.reference),
+            ("gradients", self.gradients), (act, self.activations), ("batch", self.batch), ("total", self.total)]
+    lines = [f"memory plan per device ({self.source}, {self.num_devices} devices, fsdp={self.fsdp}):"]
+    lines += [f"  {name:<38s}{b / GIB:10.3f} GiB" for name, b in rows]
+    if limit:
+      lines.append(f"  {'device budget':<38s}{limit / GIB:10.3f} GiB")
+    return "\n".join(lines)
+
+
+def _leaf_bytes(x) -> int:
+  """Bytes of the shard one device holds (the whole array when replicated or unsharded)."""
+  shape = tuple(x.shape)
+  sharding = getattr(x, "sharding", None)
+  if sharding is not None:
+    shape = sharding.shard_shape(shape)
+  return math.prod(shape) * np.dtype(x.dtype).itemsize
+
+
+def per_device_bytes(tree) -> int:
+  """Sum over leaves (arrays or ShapeDtypeStructs with shardings) of one device's shard bytes."""
+  return sum(_leaf_bytes(x) for x in jax.tree.leaves(tree))
+
+
+def with_shardings(tree, shardings):
+  """ShapeDtypeStructs of `tree` carrying the matching leaves of `shardings`."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, mesh):
+  """Shardings of an optax state: parameter-shaped subtrees (mu, nu, ...) follow the parameters.
+
+  This is what `jit(tx.init)` produces by propagation; anything else (step counters) is
+  replicated.
+  """
+  p_def = jax.tree.structure(abstract_params)
+  replicated = shd.replicated(mesh)
+
+  def is_param_tree(node):
+    try:
+      return jax.tree.structure(node) == p_def
+    except Exception:  # noqa: BLE001  (non-pytree leaves)
+      return False
+
+  return jax.tree.map(lambda node: param_shardings if is_param_tree(node) else replicated,
+                      abstract_opt_state, is_leaf=is_param_tree)
+
+
+def _text_config(model_cfg):
+  return getattr(model_cfg, "text", model_cfg)
+
+
+def estimate_activations(model_cfg, *, rows_per_device: int, seq_len: int, compute_bytes: int, tensor: int = 1,
+                         logprob_chunk: int = 256, xla_attention: bool = True) -> int:
+  """Saved activations of the policy's forward pass for the backward pass (text decoder).
+
+  Per token and layer, the backward pass keeps the two norm inputs (2D), queries and attention
+  output (2NH), keys and values (2KH), the MLP's gate, up and gated product (3F), in the compute
+  dtype; XLA attention also keeps the fp32 attention probabilities (N*T per token). Heads and
+  the MLP width split over `tensor`. Chunked log-probs add one fp32 chunk of logits (chunk x V)
+  per row. Vision towers and transient buffers are not included: this is a floor, not a bound;
+  the compiled plan (`refine_with_compiled`) is the accurate one.
+  """
+  t = _text_config(model_cfg)
+  d, layers = t.hidden_size, t.num_layers
+  n, k, f = t.num_heads, t.num_kv_heads, t.intermediate_size
+  h = t.head_dim or d // n
+  per_token = compute_bytes * (2 * d + (2 * n * h + 2 * k * h + 3 * f) // tensor)
+  if xla_attention:
+    per_token += 4 * (n // tensor if n % tensor == 0 else n) * seq_len
+  tokens = rows_per_device * seq_len
+  logits = rows_per_device * min(logprob_chunk, seq_len) * t.vocab_size * 4
+  return tokens * per_token * layers + logits
+
+
+def _model_of(model_cfg_block):
+  """(family, model config) from `config.model`, without loading weights."""
+  from jaxdpo.models import io, registry
+  if model_cfg_block.checkpoint:
+    return io.read_model_meta(model_cfg_block.checkpoint)
+  family = registry.get_family(model_cfg_block.family)
+  if model_cfg_block.preset not in family.presets:
+    raise ValueError(f"config.model.preset={model_cfg_block.preset!r} is not a {family.name} preset; "
+                     f"known: {sorted(family.presets)}")
+  return family, family.presets[model_cfg_block.preset]()
+
+
+def plan_dpo(config, mesh, rules=shd.DEFAULT_RULES) -> MemoryPlan:
+  """The per-device plan of `config`'s DPO step on `mesh`, from shapes only (nothing allocated)."""
+  from jaxdpo import model_setup, optim
+  from jaxdpo.models import io
+  family, model_cfg = _model_of(config.model)
+  param_dtype = model_setup.dtype_of(config.model.param_dtype)
+  compute = model_setup.dtype_of(config.model.compute_dtype)
+  _, abstract = io.build_abstract(family, model_cfg, param_dtype)
+  p_sh = shd.param_shardings(abstract, rules, mesh)
+  params = with_shardings(abstract.to_pure_dict(), p_sh)
+  tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
+  abstract_opt = jax.eval_shape(tx.init, params)
+  opt = with_shardings(abstract_opt, opt_state_shardings(abstract_opt, params, p_sh, mesh))
+  param_bytes = per_device_bytes(params)
+  has_ref_model = not config.dpo.reference_free and config.dpo.reference == "model"
+  data_ways = shd.batch_divisor(mesh)
+  pairs_per_device = max(1, config.train.batch_size // data_ways // max(1, config.train.grad_accum))
+  seq = config.data.max_length
+  impl = model_setup.attention_impl(config.model.attention_impl, compute)
+  acts = estimate_activations(model_cfg, rows_per_device=2 * pairs_per_device, seq_len=seq,
+                              compute_bytes=np.dtype(compute).itemsize, tensor=mesh.shape["tensor"],
+                              logprob_chunk=config.train.logprob_chunk, xla_attention=impl == "xla")
+  batch_bytes = 4 * 4 * 2 * seq * max(1, config.train.batch_size // data_ways)  # 4 int32 [B, 2, T] arrays
+  return MemoryPlan(params=param_bytes, opt_state=per_device_bytes(opt),
+                    reference=param_bytes if has_ref_model else 0, gradients=param_bytes, activations=acts,
+                    batch=batch_bytes, source="eval_shape", num_devices=mesh.size, fsdp=mesh.shape["fsdp"])
+
+
+def refine_with_compiled(plan: MemoryPlan, compiled) -> MemoryPlan:
+  """Replaces the estimates with the compiled step's buffer assignment, when the backend has one.
+
+  `compiled` is `jitted.lower(state, ref, batch).compile()`. Its arguments hold parameters,
+  optimizer state, reference and batch; outputs that alias donated arguments cost nothing
+  extra; temporaries hold gradients and activations.
+  """
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001  (backends without the analysis raise various errors)
+    stats = None
+  if stats is None:
+    return plan
+  args = int(stats.argument_size_in_bytes)
+  extra_out = max(0, int(stats.output_size_in_bytes) - int(stats.alias_size_in_bytes))
+  known = plan.params + plan.opt_state + plan.reference
+  return dataclasses.replace(plan, gradients=0, activations=int(stats.temp_size_in_bytes) + extra_out,
+                             batch=max(0, args - known), source="compiled")
+
+
+def device_limit(device_memory_gb: float) -> int | None:
+  """The per-device budget in bytes: the config's GiB, else the backend's `bytes_limit`, else None."""
+  if device_memory_gb < 0:
+    return None
+  if device_memory_gb > 0:
+    return int(device_memory_gb * GIB)
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # noqa: BLE001  (CPU and some plugins have no memory stats)
+    stats = None
+  limit = (stats or {}).get("bytes_limit")
+  return int(limit) if limit else None
+
+
+def advice(plan: MemoryPlan) -> list[str]:
+  """Config changes that would shrink the plan, most effective first."""
+  tips = []
+  state = plan.params + plan.opt_state + plan.reference + plan.gradients
+  if plan.fsdp < plan.num_devices:
+    factor = plan.num_devices // plan.fsdp
+    tips.append(f"shard parameters and optimizer state over more devices: --config.mesh.fsdp={plan.num_devices} "
+                f"--config.mesh.data=1 (state ~{state / GIB:.2f} GiB now, ~{state / factor / GIB:.2f} GiB then)")
+  if plan.reference:
+    tips.append(f"precompute the reference log-probs once: --config.dpo.reference=cached "
+                f"(frees {plan.reference / GIB:.2f} GiB)")
+  tips.append(f"shrink activations ({plan.activations / GIB:.2f} GiB): raise --config.train.grad_accum or lower "
+              "--config.data.max_length (activation rematerialisation is not available yet)")
+  return tips
+
+
+def check(plan: MemoryPlan, limit: int | None):
+  """Raises MemoryPlanError when the plan exceeds `limit` bytes per device (None: no check)."""
+  if limit is None or plan.total <= limit:
+    return
+  tips = "; ".join(advice(plan))
+  raise MemoryPlanError(f"the run needs ~{plan.total / GIB:.2f} GiB per device ({plan.source}) but the budget is "
+                        f"{limit / GIB:.2f} GiB (config.train.device_memory_gb or the backend's bytes_limit). "
+                        f"Try: {tips}\n{plan.report(limit)}")
+
+
+def report_and_check(plan: MemoryPlan, device_memory_gb: float) -> MemoryPlan:
+  """Logs the plan (process 0) and refuses it if it cannot fit."""
+  limit = device_limit(device_memory_gb)
+  if jax.process_index() == 0:
+    log.info("%s", plan.report(limit))
+  check(plan, limit)
+  return plan
+
+
+def abstract_batch(sample: dict, global_batch: int, mesh) -> dict:
+  """Global ShapeDtypeStructs of a step's batch, from one host-local collated sample."""
+  return {k: jax.ShapeDtypeStruct((global_batch,) + np.shape(v)[1:], np.asarray(v).dtype,
+                                  sharding=shd.batch_sharding(mesh, np.ndim(v)))
+          for k, v in sample.items()}
+
+
+def compiled_check(plan: MemoryPlan, step_fn, state, ref, sample: dict, global_batch: int, mesh,
+                   device_memory_gb: float) -> MemoryPlan:
+  """Compiles the train step ahead of time (the first step reuses the executable), then
+  refines, logs and checks the plan with XLA's memory analysis."""
+  compiled = step_fn.lower(state, ref, abstract_batch(sample, global_batch, mesh)).compile()
+  refined = refine_with_compiled(plan, compiled)
+  if refined is plan:
+    return plan
+  return report_and_check(refined, device_memory_gb)

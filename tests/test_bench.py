@@ -1,0 +1,39 @@
+"""`python -m jaxdpo.bench` runs a workload and reports the fields the speed work relies on.
+
+No timing is asserted: speed is measured by the bench, never by tests.
+"""
+
+import json
+
+import numpy as np
+
+from jaxdpo import bench
+
+
+def test_bench_reports_throughput_and_peer_ratio(tmp_path, capsys):
+  peer = tmp_path / "peer.jsonl"
+  peer.write_text(json.dumps({"peer": "trl-x", "pairs_per_s": 2.0, "jaxdpo_workload": "ocr-tiny"}) + "\n")
+  assert bench.main(["--workload", "ocr-tiny", "--steps", "1", "--warmup", "1", "--batch", "4",
+                     "--compute-dtype", "float32", "--peer-json", str(peer)]) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["workload"] == "ocr-tiny" and out["steps_timed"] == 1 and out["params"] == 138304
+  assert out["pairs_per_s"] > 0 and out["tokens_per_s"] > 0 and 0 < out["mfu_vs_peak"] < 1
+  assert out["speedup_vs_peer"] == out["pairs_per_s"] / 2.0
+  assert np.isfinite(out["loss"])
+
+
+def test_ocr_workload_matches_its_definition():
+  w = bench.WORKLOADS["ocr-2k"]()
+  batches = bench.synthetic_batches(w, 8, 4, vocab=1000)
+  for b, useful in batches:
+    assert b["input_ids"].shape == (8, 2, 1280 + 1024)
+    lengths = b["segment_ids"].sum(-1)  # [B, 2]
+    completions = b["loss_mask"].sum(-1)
+    prompts = lengths - completions
+    assert useful == int(lengths.sum())
+    assert ((prompts[:, 0] >= 256) & (prompts[:, 0] <= 1280)).all() and (prompts[:, 0] == prompts[:, 1]).all()
+    assert ((completions >= 64) & (completions <= 1024)).all()
+    # Max-length rejected completions are loops of an 8-token phrase.
+    for i in np.flatnonzero(completions[:, 1] == 1024):
+      comp = b["input_ids"][i, 1, prompts[i, 1]:lengths[i, 1]]
+      np.testing.assert_array_equal(comp[8:], comp[:-8])
