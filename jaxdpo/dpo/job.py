@@ -26,8 +26,7 @@ def loss_config(config) -> losses.DPOLossConfig:
 def step_config(config, model_cfg) -> step_lib.StepConfig:
   return step_lib.StepConfig(loss=loss_config(config),
                              compute_dtype=model_setup.dtype_of(config.model.compute_dtype),
-                             grad_accum=config.train.grad_accum, logprob_chunk=config.train.logprob_chunk,
-                             logit_softcap=getattr(model_cfg, "final_logit_softcapping", None))
+                             grad_accum=config.train.grad_accum, logprob_chunk=config.train.logprob_chunk)
 
 
 def tokenize_preferences(source: str, tok, config, *, desc: str) -> list[tokenize.TokenizedPair]:

@@ -39,7 +39,7 @@ class StepConfig:
   compute_dtype: jnp.dtype = jnp.float32
   grad_accum: int = 1
   logprob_chunk: int = 256
-  logit_softcap: float | None = None
+  logit_softcap: float | None = None  # None: use the model's own `logit_softcap` (Gemma 3 text)
 
 
 def flatten_pairs(batch: dict) -> dict:
@@ -54,9 +54,14 @@ def pair_logps(graphdef, params, batch, cfg: StepConfig):
   flat = flatten_pairs(batch)
   h_BTD = model.hidden_states(flat)
   seq, per_tok, counts = logprobs.completion_logps(h_BTD, model.unembedding(), flat["input_ids"], flat["loss_mask"],
-                                                   chunk_size=cfg.logprob_chunk, logit_softcap=cfg.logit_softcap)
+                                                   chunk_size=cfg.logprob_chunk, logit_softcap=softcap(cfg, model))
   b = batch["input_ids"].shape[0]
   return seq.reshape(b, 2), per_tok.reshape(b, 2, -1), counts.reshape(b, 2)
+
+
+def softcap(cfg: StepConfig, model):
+  """The final-logit soft cap: the step's override, else what the model applies in `logits`."""
+  return cfg.logit_softcap if cfg.logit_softcap is not None else getattr(model, "logit_softcap", None)
 
 
 def loss_terms(params, ref_params, batch, graphdef, cfg: StepConfig, n_pairs, n_chosen_tokens):
