@@ -15,6 +15,7 @@ Two sources, both per device:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 
@@ -69,10 +70,17 @@ class MemoryPlan:
     rows = [("parameters", self.params), ("optimizer state", self.opt_state), ("reference", self.reference),
             ("gradients", self.gradients), (act, self.activations), ("batch", self.batch), ("total", self.total)]
     lines = [f"memory plan per device ({self.source}, {self.num_devices} devices, fsdp={self.fsdp}):"]
-    lines += [f"  {name:<38s}{b / GIB:10.3f} GiB" for name, b in rows]
+    lines += [f"  {name:<38s}{fmt_bytes(b):>12s}  ({b} bytes)" for name, b in rows]
     if limit:
-      lines.append(f"  {'device budget':<38s}{limit / GIB:10.3f} GiB")
+      lines.append(f"  {'device budget':<38s}{fmt_bytes(limit):>12s}")
     return "\n".join(lines)
+
+
+def fmt_bytes(b: int) -> str:
+  for unit, size in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    if b >= size:
+      return f"{b / size:.3f} {unit}"
+  return f"{b} B"
 
 
 def _leaf_bytes(x) -> int:
@@ -152,14 +160,20 @@ def _model_of(model_cfg_block):
   return family, family.presets[model_cfg_block.preset]()
 
 
+@functools.lru_cache(maxsize=4)
+def _abstract_params(family_name: str, model_cfg, param_dtype):
+  # Building a full-size model abstractly takes seconds; planning several meshes reuses it.
+  from jaxdpo.models import io, registry
+  return io.build_abstract(registry.get_family(family_name), model_cfg, param_dtype)[1]
+
+
 def plan_dpo(config, mesh, rules=shd.DEFAULT_RULES) -> MemoryPlan:
   """The per-device plan of `config`'s DPO step on `mesh`, from shapes only (nothing allocated)."""
   from jaxdpo import model_setup, optim
-  from jaxdpo.models import io
   family, model_cfg = _model_of(config.model)
   param_dtype = model_setup.dtype_of(config.model.param_dtype)
   compute = model_setup.dtype_of(config.model.compute_dtype)
-  _, abstract = io.build_abstract(family, model_cfg, param_dtype)
+  abstract = _abstract_params(family.name, model_cfg, param_dtype)
   p_sh = shd.param_shardings(abstract, rules, mesh)
   params = with_shardings(abstract.to_pure_dict(), p_sh)
   tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)

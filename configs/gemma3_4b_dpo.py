@@ -1,0 +1,46 @@
+"""Full-size DPO of gemma-3-4b-it: fp32 master weights, bf16 compute.
+
+  python -m jaxdpo.convert hf-to-jax /models/gemma-3-4b-it /ckpt/gemma3_4b
+  python -m jaxdpo.main --config configs/gemma3_4b_dpo.py:/ckpt/gemma3_4b --workdir gs://... \
+      --config.data.train=/data/ocr_prefs.jsonl
+
+The optional argument is a converted checkpoint directory; it sets `model.checkpoint` and the
+tokenizer. Without it the preset is randomly initialised (memory planning, benchmarks), and
+`--config.model.checkpoint=DIR` still overrides it. Gemma 3's 262k-token vocabulary makes the
+tied embedding alone 2.7 GB in fp32, so parameters are sharded over every device (fsdp=-1).
+"""
+
+from jaxdpo import config_defaults
+
+# SigLIP's logical axes; without these rules the vision tower would be replicated on every device.
+VISION_RULES = "vision_embed=fsdp,vision_mlp=tensor,vision_heads=tensor,vision_patch="
+
+
+def get_config(arg=None):
+  c = config_defaults.base()
+  c.job = "dpo"
+  c.model.family = "gemma3"
+  c.model.preset = "gemma3_4b"
+  c.model.checkpoint = arg or ""
+  c.model.param_dtype = "float32"
+  c.model.compute_dtype = "bfloat16"
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+  c.sharding_rules = VISION_RULES
+  if arg:
+    c.data.tokenizer = arg
+  c.data.max_length = 2048
+  c.data.max_prompt_length = 1024
+  c.dpo.beta = 0.1
+  c.dpo.reference = "model"
+  c.optim.lr = 1e-6
+  c.optim.warmup_steps = 50
+  c.optim.weight_decay = 0.0
+  c.train.num_steps = 1000
+  c.train.batch_size = 32
+  c.train.log_every = 10
+  c.train.ckpt_every = 200
+  c.train.logprob_chunk = 256
+  c.lock()
+  return c
