@@ -1,6 +1,6 @@
 """Full-size DPO of gemma-3-4b-it: fp32 master weights, bf16 compute.
 
-  python -m jaxdpo.convert hf-to-jax /models/gemma-3-4b-it /ckpt/gemma3_4b
+  python -m jaxdpo.convert hf-to-jax --hf-dir /models/gemma-3-4b-it --out /ckpt/gemma3_4b
   python -m jaxdpo.main --config configs/gemma3_4b_dpo.py:/ckpt/gemma3_4b --workdir gs://... \
       --config.data.train=/data/ocr_prefs.jsonl
 
@@ -12,8 +12,6 @@ tied embedding alone 2.7 GB in fp32, so parameters are sharded over every device
 
 from jaxdpo import config_defaults
 
-# SigLIP's logical axes; without these rules the vision tower would be replicated on every device.
-VISION_RULES = "vision_embed=fsdp,vision_mlp=tensor,vision_heads=tensor,vision_patch="
 
 
 def get_config(arg=None):
@@ -27,9 +25,8 @@ def get_config(arg=None):
   c.mesh.data = 1
   c.mesh.fsdp = -1
   c.mesh.tensor = 1
-  c.sharding_rules = VISION_RULES
   if arg:
-    c.data.tokenizer = arg
+    c.data.tokenizer = arg.rstrip("/") + "/tokenizer"  # converted checkpoints carry it
   c.data.max_length = 2048
   c.data.max_prompt_length = 1024
   c.dpo.beta = 0.1

@@ -1,6 +1,6 @@
 """Full-size DPO of Qwen2.5-VL-3B-Instruct (or Nanonets-OCR2-3B): fp32 master weights, bf16 compute.
 
-  python -m jaxdpo.convert hf-to-jax /models/Qwen2.5-VL-3B-Instruct /ckpt/qwen2_5_vl_3b
+  python -m jaxdpo.convert hf-to-jax --hf-dir /models/Qwen2.5-VL-3B-Instruct --out /ckpt/qwen2_5_vl_3b
   python -m jaxdpo.main --config configs/qwen2_5_vl_3b_dpo.py:/ckpt/qwen2_5_vl_3b --workdir gs://... \
       --config.data.train=/data/ocr_prefs.jsonl
 
@@ -13,8 +13,6 @@ still overrides it. The mesh shards parameters and optimizer state over every de
 
 from jaxdpo import config_defaults
 
-# The vision tower's logical axes; without these rules it would be replicated on every device.
-VISION_RULES = "vision_embed=fsdp,vision_mlp=tensor,vision_heads=tensor,vision_patch="
 
 
 def get_config(arg=None):
@@ -28,9 +26,8 @@ def get_config(arg=None):
   c.mesh.data = 1
   c.mesh.fsdp = -1
   c.mesh.tensor = 1
-  c.sharding_rules = VISION_RULES
   if arg:
-    c.data.tokenizer = arg
+    c.data.tokenizer = arg.rstrip("/") + "/tokenizer"  # converted checkpoints carry it
   c.data.max_length = 2048
   c.data.max_prompt_length = 1024
   c.dpo.beta = 0.1

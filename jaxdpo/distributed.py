@@ -83,7 +83,7 @@ def _tpu_chips_present() -> bool:
     from jax._src import hardware_utils  # private; guarded because it may move
     return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
   except Exception:  # noqa: BLE001  (any failure means "cannot tell": fall back to device files)
-    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+    return bool(glob.glob("/dev/accel[0-9]*"))  # TPU VMs expose their chips as /dev/accelN
 
 
 def _check_coordinator(coordinator: str) -> tuple[str, int]:
@@ -180,11 +180,16 @@ def _probe(host: str, port: int, deadline: float) -> str | None:
 
 
 def _advice(plan: Plan, timeout_s: int) -> str:
+  n = plan.num_processes or "N"
+  common = (f"that all {n} processes got the same --coordinator and --num_processes={n} with distinct "
+            f"--process_id values, and that they start within --distributed_timeout_s={timeout_s}s of each other")
+  if plan.process_id == 0:
+    return (f"this is process 0, serving the coordinator at {plan.coordinator}: the other processes did not all "
+            f"connect; check that they are running, that this host:port is reachable from their hosts (firewall, "
+            f"no HTTP(S)_PROXY variables intercepting it), {common}")
   where = plan.coordinator or f"the address jax derives for {plan.source}"
-  return (f"check that process 0 is running and reachable at {where} (same host:port on every process, "
-          f"port open in the firewall, no HTTP(S)_PROXY variables intercepting it), that all "
-          f"{plan.num_processes or 'N'} processes were started with distinct --process_id values, and that "
-          f"they start within --distributed_timeout_s={timeout_s}s of each other")
+  return (f"check that process 0 is running and reachable at {where} (port open in the firewall, no "
+          f"HTTP(S)_PROXY variables intercepting it), {common}")
 
 
 def initialize(plan: Plan, timeout_s: int = 300) -> None:

@@ -35,43 +35,64 @@ def main_cmd(workdir, *args, config: str = CONFIG) -> list[str]:
           "--config.train.progress=False", *args]
 
 
-def run_processes(workdir, num_processes: int, devices_each: int, *args, timeout: int = 600,
-                  distributed_timeout_s: int = 120):
-  """Runs `num_processes` trainer processes on localhost; returns [(returncode, stdout, stderr)].
+class Run:
+  """`num_processes` trainer processes on localhost, started together (process 0 hosts the coordinator)."""
 
-  Process 0 hosts the coordinator on a free port. If any process fails, the others are killed,
-  so a broken run cannot hang the test.
-  """
-  port = free_port()
-  procs = []
-  logs = []
-  for i in range(num_processes):
-    extra = [] if num_processes == 1 else [f"--coordinator=127.0.0.1:{port}", f"--num_processes={num_processes}",
-                                           f"--process_id={i}", f"--distributed_timeout_s={distributed_timeout_s}"]
-    out = open(os.path.join(str(workdir) + f".p{i}.out"), "w+")
-    err = open(os.path.join(str(workdir) + f".p{i}.err"), "w+")
-    logs.append((out, err))
-    procs.append(subprocess.Popen(main_cmd(workdir, *args, *extra), cwd=ROOT, env=cpu_env(devices_each),
-                                  stdout=out, stderr=err, text=True))
-  results = []
-  deadline = time.monotonic() + timeout
-  try:
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-      if any(p.poll() not in (None, 0) for p in procs):
-        break  # one failed: the rest would only wait for it
-      time.sleep(0.2)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, (out, err) in zip(procs, logs):
-    out.seek(0)
-    err.seek(0)
-    results.append((p.returncode, out.read(), err.read()))
-    out.close()
-    err.close()
-  return results
+  def __init__(self, workdir, num_processes: int, devices_each: int, *args, distributed_timeout_s: int = 120):
+    port = free_port()
+    self.procs, self.logs = [], []
+    for i in range(num_processes):
+      extra = [] if num_processes == 1 else [f"--coordinator=127.0.0.1:{port}", f"--num_processes={num_processes}",
+                                             f"--process_id={i}", f"--distributed_timeout_s={distributed_timeout_s}"]
+      out = open(f"{workdir}.p{i}.out", "w+")
+      err = open(f"{workdir}.p{i}.err", "w+")
+      self.logs.append((out, err))
+      self.procs.append(subprocess.Popen(main_cmd(workdir, *args, *extra), cwd=ROOT, env=cpu_env(devices_each),
+                                         stdout=out, stderr=err, text=True))
+
+  def wait(self, timeout: int = 900):
+    """Waits for every process; returns [(returncode, stdout, stderr)].
+
+    If one process fails the others are killed at once (they would only wait for it in a
+    collective), so a broken run cannot hang the test.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+      while any(p.poll() is None for p in self.procs) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in self.procs):
+          break
+        time.sleep(0.2)
+    finally:
+      for p in self.procs:
+        if p.poll() is None:
+          p.kill()
+          p.wait()
+    results = []
+    for p, (out, err) in zip(self.procs, self.logs):
+      out.seek(0)
+      err.seek(0)
+      results.append((p.returncode, out.read(), err.read()))
+      out.close()
+      err.close()
+    return results
+
+
+def run_processes(workdir, num_processes: int, devices_each: int, *args, timeout: int = 900, **kw):
+  """Starts a `Run` and waits for it."""
+  return Run(workdir, num_processes, devices_each, *args, **kw).wait(timeout)
+
+
+def final_state(workdir, step: int):
+  """The checkpointed train state at `step`, restored onto one local device as plain arrays."""
+  import jax
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(os.path.join(str(workdir), "checkpoints", str(step), "state"))
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
+    return jax.device_get(ckptr.restore(path, target))
 
 
 def assert_ok(results):

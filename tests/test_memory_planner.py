@@ -13,7 +13,7 @@ import pytest
 from jaxdpo import memory, model_setup, optim, sharding as shd, train
 from jaxdpo.data import pipeline
 from jaxdpo.dpo import job as dpo_job, step as step_lib
-from jaxdpo.models import io, registry
+from jaxdpo.models import registry
 from tests._dpo_helpers import ROOT, demo_config, tokenizer
 
 # Published parameter counts (the safetensors metadata of the HF checkpoints).
@@ -36,10 +36,13 @@ def _expected_param_bytes(config, num_devices):
   fsdp_names = {"embed"} | {item.split("=")[0] for item in config.sharding_rules.split(",")
                             if item.split("=")[1] == "fsdp"}
   family = registry.get_family(config.model.family)
-  _, abstract = io.build_abstract(family, family.presets[config.model.preset](), np.float32)
+  # The same abstract model the planner used (cached: building a full-size one takes seconds); its
+  # parameter count is checked against the published one below.
+  abstract = memory._abstract_params(family.name, family.presets[config.model.preset](), np.dtype("float32"))
   total_count, per_device = 0, 0
   for v in jax.tree.leaves(abstract, is_leaf=lambda x: hasattr(x, "get_metadata")):
-    shape, axes = v.value.shape, v.get_metadata().get("logical_axes") or (None,) * len(v.value.shape)
+    shape = v.get_value().shape
+    axes = v.get_metadata().get("logical_axes") or (None,) * len(shape)
     count = math.prod(shape)
     split = any(name in fsdp_names and dim % num_devices == 0 for name, dim in zip(axes, shape))
     total_count += count
@@ -119,3 +122,14 @@ def test_compiled_plan_matches_xla_argument_accounting():
   args = compiled.memory_analysis().argument_size_in_bytes
   assert args == plan.params + plan.opt_state + plan.reference + batch_bytes + 4
   assert refined.batch == batch_bytes + 4 and refined.activations > 0 and refined.gradients == 0
+
+
+def test_job_refuses_a_run_that_cannot_fit(tmp_path):
+  """The DPO job stops with the plan and advice before the model is built (exit code 2)."""
+  from tests._dpo_helpers import run_main
+  r = run_main(tmp_path / "w", "--config.train.device_memory_gb=0.0001", "--config.train.num_steps=2")
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "error: the run needs ~" in r.stderr and "budget is 0.00 GiB" in r.stderr
+  assert "--config.mesh.fsdp=8" in r.stderr and "--config.dpo.reference=cached" in r.stderr
+  assert "memory plan per device (eval_shape, 8 devices, fsdp=1)" in r.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()
