@@ -40,5 +40,22 @@ def make_update_step(grad_fn: Callable, tx: optax.GradientTransformation, mesh, 
       metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-  return jax.jit(step, in_shardings=(state_shardings, ref_shardings, batch_shardings(mesh)),
-                 out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
+  jitted = jax.jit(step, in_shardings=(state_shardings, ref_shardings, batch_shardings(mesh)),
+                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
+  return with_mesh(jitted, mesh)
+
+
+def with_mesh(jitted, mesh):
+  """Calls (and so traces) `jitted` under `jax.set_mesh(mesh)`, which activation sharding
+  constraints (`layers.constrain_batch`) need; `.lower` is forwarded for AOT compilation."""
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return jitted(*args)
+
+  def lower(*args):
+    with jax.set_mesh(mesh):
+      return jitted.lower(*args)
+
+  call.lower = lower
+  call.jitted = jitted
+  return call

@@ -208,6 +208,7 @@ class Gemma3TextModel(nnx.Module):
       kind = block.self_attn.layer_type
       layer_cache = None if kv_cache is None else kv_cache[i]
       x_BTD, c = block(x_BTD, *rope[kind], masks[kind], layer_cache, cache_index)
+      x_BTD = layers.constrain_batch(x_BTD)  # keep rows split over the batch axes
       if new_cache is not None:
         new_cache.append(c)
     return self.norm(x_BTD), new_cache

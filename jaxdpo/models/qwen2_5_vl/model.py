@@ -126,6 +126,7 @@ class Qwen2Decoder(nnx.Module):
     for i, block in enumerate(self.layers):
       layer_cache = None if kv_cache is None else kv_cache[i]
       x_BTD, c = block(x_BTD, cos_BTH, sin_BTH, attn_mask, layer_cache, cache_index)
+      x_BTD = layers.constrain_batch(x_BTD)  # keep rows split over the batch axes
       if new_cache is not None:
         new_cache.append(c)
     return self.norm(x_BTD), new_cache
