@@ -41,6 +41,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.prompts = ""               # eval / mine input: {"prompt", "reference"?, "images"?} records
   c.data.degeneration_eval = ""     # dpo/sft: prompts whose degeneration rate is logged every
                                     # train.degeneration_eval_every steps as eval/degeneration_rate
+  c.data.max_images = 0             # vision models: image slots per record (pair); 0 = the most any record has
+  c.data.max_patches = 0            # Qwen2.5-VL: vision patches per record (pair); 0 = the most any record needs
 
   c.dpo = ml_collections.ConfigDict()
   c.dpo.loss_type = "sigmoid"       # sigmoid | robust | hinge | ipo

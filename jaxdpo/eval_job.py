@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxdpo import eval_stats, jsonio, model_setup, sampling_run
 from jaxdpo import sharding as shd
-from jaxdpo.data import tokenize
+from jaxdpo.data import multimodal, tokenize
 
 
 def load_generation_model(config):
@@ -41,13 +41,15 @@ def run(config, workdir: str) -> dict:
   if not config.data.prompts:
     raise ValueError("config.data.prompts is empty: the eval job needs {prompt, reference?} records")
   tok = tokenize.load_tokenizer(config.data.tokenizer)
-  items = sampling_run.load_prompts(config.data.prompts, tok, config)
+  vision = multimodal.adapter_for(config, tok)
+  items = sampling_run.load_prompts(config.data.prompts, tok, config, vision)
   _, model = load_generation_model(config)
   g = config.generate
   rows = sampling_run.run_generation(
       model, tok, items, params=sampling_run.SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k),
       batch_size=g.batch_size, max_prompt_length=g.max_prompt_length, seed=config.seed,
-      degen_cfg=sampling_run.degeneration_config(config), desc="eval", progress=config.train.progress)
+      degen_cfg=sampling_run.degeneration_config(config), desc="eval", progress=config.train.progress,
+      vision=vision)
   summary = summary_for(rows, config)
   if jax.process_index() == 0:
     jsonio.write_jsonl(os.path.join(workdir, "generations.jsonl"), rows)

@@ -17,7 +17,7 @@ import os
 import jax
 
 from jaxdpo import eval_job, eval_stats, jsonio, sampling_run
-from jaxdpo.data import tokenize
+from jaxdpo.data import multimodal, tokenize
 
 CHOSEN = ("reference", "best_sample")
 REJECTED = ("degenerate", "worst_cer")
@@ -63,19 +63,20 @@ def run(config, workdir: str) -> dict:
   if not config.data.prompts:
     raise ValueError("config.data.prompts is empty: the mine job needs {prompt, reference} records")
   tok = tokenize.load_tokenizer(config.data.tokenizer)
-  items = sampling_run.load_prompts(config.data.prompts, tok, config)
+  vision = multimodal.adapter_for(config, tok)
+  items = sampling_run.load_prompts(config.data.prompts, tok, config, vision)
   _, model = eval_job.load_generation_model(config)
   rows = sampling_run.run_generation(
       model, tok, items,
       params=sampling_run.SamplingParams(config.generate.max_new_tokens, m.temperature, m.top_p, m.top_k),
       batch_size=config.generate.batch_size, max_prompt_length=config.generate.max_prompt_length,
       num_samples=m.num_samples, seed=config.seed, degen_cfg=sampling_run.degeneration_config(config), desc="mine",
-      progress=config.train.progress)
+      progress=config.train.progress, vision=vision)
   by_record: dict[int, list[dict]] = {}
   for r in rows:
     by_record.setdefault(r["index"], []).append(r)
   pairs, reasons = [], {}
-  for i, (rec, _) in enumerate(items):
+  for i, (rec, seq) in enumerate(items):
     picked, reason = pick_pair(by_record[i], rec.fields.get("reference"), chosen_mode=m.chosen,
                                rejected_mode=m.rejected)
     if picked is None:
@@ -84,8 +85,8 @@ def run(config, workdir: str) -> dict:
     chosen, rejected = picked
     pair = {"prompt": rec.fields["prompt"], "chosen": chosen, "rejected": rejected["hypothesis"],
             "source": rec.where, "rejected_is_degenerate": rejected["is_degenerate"]}
-    if rec.fields.get("images"):
-      pair["images"] = list(rec.fields["images"])
+    if seq.images:
+      pair["images"] = list(seq.images)  # resolved paths: pairs.jsonl lives in another directory
     pairs.append(pair)
   summary = {
       "records": len(items), "samples": len(rows), "degenerate_samples": sum(r["is_degenerate"] for r in rows),

@@ -10,7 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxdpo import degeneration, generate
-from jaxdpo.data import pipeline, records, tokenize
+from jaxdpo.data import multimodal, pipeline, records, step_inputs, tokenize
 
 
 def degeneration_config(config) -> degeneration.DegenerationConfig:
@@ -19,17 +19,20 @@ def degeneration_config(config) -> degeneration.DegenerationConfig:
                                          tail_window=d.tail_window, min_tail_coverage=d.min_tail_coverage)
 
 
-def load_prompts(source: str, tok, config) -> list[tuple[records.Record, tokenize.TokenizedSeq]]:
-  """Validated and tokenized {"prompt", "reference"?, "images"?} records."""
+def load_prompts(source: str, tok, config, vision=None) -> list[tuple[records.Record, tokenize.TokenizedSeq]]:
+  """Validated and tokenized {"prompt", "reference"?, "images"?} records.
+
+  `vision`: the model family's `multimodal.VisionAdapter` (None for text models, which then
+  refuse records with images).
+  """
   out = []
+  base_dir = multimodal.base_dir_of(source)
   for where, row in records.load_rows(source, config.data.split):
     rec = records.validate_completion(where, row, completion_field="reference", require_completion=False)
-    if rec.fields.get("images"):
-      raise records.DataError(f"{where}: field 'images': generation with images is not wired into the eval/mine "
-                              "jobs yet (see BUILD_NOTES.md, known gaps)")
     out.append((rec, tokenize.tokenize_prompt(tok, rec, max_prompt_length=config.generate.max_prompt_length,
                                               truncation=config.data.truncation,
-                                              use_chat_template=config.data.use_chat_template)))
+                                              use_chat_template=config.data.use_chat_template,
+                                              images=multimodal.record_images(vision, rec, base_dir))))
   if not out:
     raise records.DataError(f"{source}: no records")
   return out
@@ -45,12 +48,16 @@ class SamplingParams:
 
 def run_generation(model, tok, items, *, params: SamplingParams, batch_size: int, max_prompt_length: int,
                    num_samples: int = 1, seed: int = 0, degen_cfg=None, desc: str = "generate",
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, vision=None) -> list[dict]:
   """Generates `num_samples` completions per item; returns one JSON-able dict per sample.
 
   Every batch is left-padded to `max_prompt_length` and has `batch_size` rows (the last one
-  padded with copies), so the whole run uses one compiled program.
+  padded with copies), so the whole run uses one compiled program. With `vision` (a
+  `multimodal.VisionAdapter`), each row carries its record's images within the adapter's
+  budget (fixed here from `items` unless already fixed).
   """
+  if vision is not None and vision.budget is None:
+    vision = vision.with_budget([seq for _, seq in items])
   degen_cfg = degen_cfg or degeneration.DegenerationConfig()
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
   eos = tok.eos_token_id
@@ -62,8 +69,10 @@ def run_generation(model, tok, items, *, params: SamplingParams, batch_size: int
     chunk = jobs[start:start + batch_size]
     n = len(chunk)
     rows = chunk + [chunk[-1]] * (batch_size - n)
-    inputs = pipeline.collate_prompts_left([items[i][1].prompt for i, _ in rows], length=max_prompt_length,
-                                           pad_id=pad_id)
+    inputs = pipeline.collate_generation([items[i][1] for i, _ in rows], length=max_prompt_length, pad_id=pad_id,
+                                         vision=vision)
+    if vision is not None:
+      inputs = step_inputs.seq_inputs(inputs)  # the model's own layout (M-RoPE positions, image bookkeeping)
     t0 = time.perf_counter()
     res = generate.generate(model, inputs, max_new_tokens=params.max_new_tokens, eos_token_id=eos, pad_token_id=pad_id,
                             rng=jax.random.fold_in(key, batch_id), temperature=params.temperature,
@@ -83,7 +92,7 @@ def run_generation(model, tok, items, *, params: SamplingParams, batch_size: int
           "tokens": toks, "num_generated": ng, "hit_limit": bool(res.hit_limit[row]),
           "is_degenerate": v.is_degenerate, "is_early_loop": v.is_early_loop, "loop_period": v.period,
           "batch_id": batch_id, "batch_wall_time_s": seconds,
-          **({"images": list(rec.fields["images"])} if rec.fields.get("images") else {}),
+          **({"images": list(items[i][1].images)} if items[i][1].images else {}),
       })
     bar.update(n)
   bar.close()

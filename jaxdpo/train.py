@@ -76,9 +76,16 @@ class PreemptionGuard:
 
 
 def init_opt_state(tx, params, mesh):
-  """Optimizer state created under jit; its shardings follow the parameters'."""
+  """Optimizer state created under jit; its parameter-shaped parts (mu, nu) sharded like the parameters.
+
+  The shardings must be given: `zeros_like` outputs do not inherit their input's sharding, and
+  without `out_shardings` XLA replicates the whole optimizer state on every device.
+  """
+  from jaxdpo import memory
+  abstract = jax.eval_shape(tx.init, params)
+  shardings = memory.opt_state_shardings(abstract, params, jax.tree.map(lambda x: x.sharding, params), mesh)
   with jax.set_mesh(mesh):
-    return jax.jit(tx.init)(params)
+    return jax.jit(tx.init, out_shardings=shardings)(params)
 
 
 def run_loop(config, workdir: str, mesh, spec: LoopSpec) -> dict:

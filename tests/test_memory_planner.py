@@ -33,8 +33,10 @@ def _expected_param_bytes(config, num_devices):
   On a data=1, tensor=1, fsdp=N mesh only fsdp splits anything: the first dimension whose logical
   name maps to fsdp and whose size N divides is split N ways; every other leaf is whole.
   """
-  fsdp_names = {"embed"} | {item.split("=")[0] for item in config.sharding_rules.split(",")
-                            if item.split("=")[1] == "fsdp"}
+  from jaxdpo import model_setup
+  fsdp_names = {name for name, axes in model_setup.parse_rules(config.sharding_rules)
+                if axes == "fsdp" or (isinstance(axes, tuple) and axes == ("fsdp",))}
+  assert {"embed", "vision_embed"} <= fsdp_names
   family = registry.get_family(config.model.family)
   # The same abstract model the planner used (cached: building a full-size one takes seconds); its
   # parameter count is checked against the published one below.

@@ -29,8 +29,13 @@ def _row(prompt: list[int], completion: list[int], t: int, pad_id: int):
   return ids, seg, pos, mask
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: int) -> dict[str, np.ndarray]:
-  """Stacks pairs into the step's [B, 2, T] layout (see `jaxdpo.dpo.step`)."""
+def collate_pairs(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: int,
+                  vision=None) -> dict[str, np.ndarray]:
+  """Stacks pairs into the step's [B, 2, T] layout (see `jaxdpo.dpo.step`).
+
+  `vision` (a `multimodal.VisionAdapter` with its budget fixed) adds each pair's images once,
+  with a leading pair axis (see `jaxdpo.data.step_inputs`).
+  """
   b = len(pairs)
   out = {k: np.zeros((b, 2, max_length), np.int32) for k in ("input_ids", "segment_ids", "positions", "loss_mask")}
   for i, p in enumerate(pairs):
@@ -40,6 +45,8 @@ def collate_pairs(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: in
       out["positions"][i, j], out["loss_mask"][i, j] = pos, mask
   if pairs and all(p.ref_logps is not None for p in pairs):
     out["ref_logps"] = np.asarray([p.ref_logps for p in pairs], np.float32)
+  if vision is not None:
+    out.update(vision.collate(pairs, out, pairs=True))
   return out
 
 
@@ -88,13 +95,25 @@ def make_iterator(examples: Sequence, *, batch_size: int, collate: Callable, see
   return iter(ds.to_iter_dataset())
 
 
-def collate_seqs(seqs: Sequence, *, max_length: int, pad_id: int) -> dict[str, np.ndarray]:
-  """Stacks prompt+completion sequences into [B, T] arrays (right-padded; SFT)."""
+def collate_seqs(seqs: Sequence, *, max_length: int, pad_id: int, vision=None) -> dict[str, np.ndarray]:
+  """Stacks prompt+completion sequences into [B, T] arrays (right-padded; SFT), plus their images
+  when `vision` is given (as in `collate_pairs`)."""
   b = len(seqs)
   out = {k: np.zeros((b, max_length), np.int32) for k in ("input_ids", "segment_ids", "positions", "loss_mask")}
   for i, s in enumerate(seqs):
     ids, seg, pos, mask = _row(s.prompt, s.completion, max_length, pad_id)
     out["input_ids"][i], out["segment_ids"][i], out["positions"][i], out["loss_mask"][i] = ids, seg, pos, mask
+  if vision is not None:
+    out.update(vision.collate(seqs, out, pairs=False))
+  return out
+
+
+def collate_generation(seqs: Sequence, *, length: int, pad_id: int, vision=None) -> dict[str, np.ndarray]:
+  """Left-padded prompts (`collate_prompts_left`) of tokenized prompts, plus their images when
+  `vision` is given (batch layout of `jaxdpo.data.step_inputs`, sequence form)."""
+  out = collate_prompts_left([s.prompt for s in seqs], length=length, pad_id=pad_id)
+  if vision is not None:
+    out.update(vision.collate(seqs, out, pairs=False))
   return out
 
 

@@ -42,7 +42,12 @@ def _as_messages(value, role: str):
   return value if isinstance(value, list) else [{"role": role, "content": value}]
 
 
-def _ids(tok, text_or_messages, *, add_generation_prompt: bool = False, chat: bool) -> list[int]:
+def _ids(tok, text_or_messages, *, add_generation_prompt: bool = False, chat: bool, images=None) -> list[int]:
+  if images is not None:
+    # Render to text, expand each image placeholder to the family's image tokens, tokenize.
+    text = (tok.apply_chat_template(text_or_messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            if chat else text_or_messages)
+    return images.encode(text)
   if chat:
     out = tok.apply_chat_template(text_or_messages, tokenize=True, add_generation_prompt=add_generation_prompt)
     if isinstance(out, dict) or hasattr(out, "keys"):
@@ -51,25 +56,31 @@ def _ids(tok, text_or_messages, *, add_generation_prompt: bool = False, chat: bo
   return list(tok(text_or_messages, add_special_tokens=False)["input_ids"])
 
 
-def prompt_and_completion(tok, prompt, completion, *, use_chat_template: bool) -> tuple[list[int], list[int]]:
+def prompt_and_completion(tok, prompt, completion, *, use_chat_template: bool,
+                          images=None) -> tuple[list[int], list[int]]:
   """Token ids of the prompt and of the completion that follows it.
 
   With a chat template, string prompts/completions become a user/assistant turn. Without
   one, the text is concatenated and the EOS token is appended to the completion (TRL's
-  convention), so that the model learns to stop.
+  convention), so that the model learns to stop. `images` (a `multimodal.RecordImages`) adds
+  the record's image placeholders to the prompt and expands them to image tokens.
   """
   chat = use_chat_template and (isinstance(prompt, list) or bool(getattr(tok, "chat_template", None)))
   if chat:
     p_msgs = _as_messages(prompt, "user")
+    if images is not None:
+      p_msgs = images.messages(p_msgs)
     c_msgs = _as_messages(completion, "assistant")
-    prompt_ids = _ids(tok, p_msgs, add_generation_prompt=True, chat=True)
-    full_ids = _ids(tok, p_msgs + c_msgs, chat=True)
+    prompt_ids = _ids(tok, p_msgs, add_generation_prompt=True, chat=True, images=images)
+    full_ids = _ids(tok, p_msgs + c_msgs, chat=True, images=images)
   else:
     if isinstance(prompt, list) or isinstance(completion, list):
       raise DataError("chat-message records need a tokenizer with a chat template")
+    if images is not None:
+      prompt = images.plain(prompt)
     text = completion if completion.endswith(tok.eos_token) else completion + tok.eos_token
-    prompt_ids = _ids(tok, prompt, chat=False)
-    full_ids = _ids(tok, prompt + text, chat=False)
+    prompt_ids = _ids(tok, prompt, chat=False, images=images)
+    full_ids = _ids(tok, prompt + text, chat=False, images=images)
   n = _common_prefix(prompt_ids, full_ids)
   return prompt_ids[:n], full_ids[n:]
 
@@ -82,8 +93,10 @@ class TokenizedPair:
   prompt: list[int]
   chosen: list[int]
   rejected: list[int]
-  images: tuple[str, ...] = ()
+  images: tuple[str, ...] = ()  # resolved image paths
   ref_logps: tuple[float, float] | None = None  # cached reference log-probs (chosen, rejected)
+  image_tokens: tuple[int, ...] = ()  # image tokens per image in the prompt
+  image_units: tuple[int, ...] = ()   # vision inputs per image (Qwen2.5-VL patches; 1 for Gemma 3)
 
 
 def fit(prompt: list[int], completions: list[list[int]], *, max_length: int, truncation: str,
@@ -108,12 +121,24 @@ def fit(prompt: list[int], completions: list[list[int]], *, max_length: int, tru
   return prompt, completions
 
 
+def _image_fields(images) -> dict:
+  if images is None:
+    return {}
+  return dict(images=images.paths, image_tokens=images.tokens, image_units=images.units)
+
+
 def tokenize_preference(tok, record: Record, *, max_length: int, truncation: str = "keep_end",
-                        max_prompt_length: int | None = None, use_chat_template: bool = True) -> TokenizedPair:
-  """Tokenizes and fits one validated preference record."""
+                        max_prompt_length: int | None = None, use_chat_template: bool = True,
+                        images=None) -> TokenizedPair:
+  """Tokenizes and fits one validated preference record.
+
+  `images`: the record's measured images (`multimodal.record_images`), for vision models.
+  """
   f = record.fields
-  p_c, chosen = prompt_and_completion(tok, f["prompt"], f["chosen"], use_chat_template=use_chat_template)
-  p_r, rejected = prompt_and_completion(tok, f["prompt"], f["rejected"], use_chat_template=use_chat_template)
+  p_c, chosen = prompt_and_completion(tok, f["prompt"], f["chosen"], use_chat_template=use_chat_template,
+                                      images=images)
+  p_r, rejected = prompt_and_completion(tok, f["prompt"], f["rejected"], use_chat_template=use_chat_template,
+                                        images=images)
   prompt = p_c[:_common_prefix(p_c, p_r)]
   chosen = p_c[len(prompt):] + chosen
   rejected = p_r[len(prompt):] + rejected
@@ -121,6 +146,9 @@ def tokenize_preference(tok, record: Record, *, max_length: int, truncation: str
     raise DataError(f"{record.where}: field '{'chosen' if not chosen else 'rejected'}' tokenizes to nothing")
   prompt, (chosen, rejected) = fit(prompt, [chosen, rejected], max_length=max_length, truncation=truncation,
                                    max_prompt_length=max_prompt_length, where=record.where)
+  if images is not None:
+    images.check_kept(prompt, [chosen, rejected])
+    return TokenizedPair(record.where, prompt, chosen, rejected, **_image_fields(images))
   return TokenizedPair(record.where, prompt, chosen, rejected, tuple(f.get("images", ())))
 
 
@@ -131,33 +159,45 @@ class TokenizedSeq:
   where: str
   prompt: list[int]
   completion: list[int]
-  images: tuple[str, ...] = ()
+  images: tuple[str, ...] = ()  # resolved image paths
+  image_tokens: tuple[int, ...] = ()
+  image_units: tuple[int, ...] = ()
 
 
 def tokenize_completion(tok, record: Record, *, max_length: int, truncation: str = "keep_end",
                         max_prompt_length: int | None = None, use_chat_template: bool = True,
-                        completion_field: str = "completion") -> TokenizedSeq:
-  """Tokenizes and fits one validated SFT record."""
+                        completion_field: str = "completion", images=None) -> TokenizedSeq:
+  """Tokenizes and fits one validated SFT record (`images` as in `tokenize_preference`)."""
   f = record.fields
   prompt, completion = prompt_and_completion(tok, f["prompt"], f[completion_field],
-                                             use_chat_template=use_chat_template)
+                                             use_chat_template=use_chat_template, images=images)
   if not completion:
     raise DataError(f"{record.where}: field '{completion_field}' tokenizes to nothing")
   prompt, (completion,) = fit(prompt, [completion], max_length=max_length, truncation=truncation,
                               max_prompt_length=max_prompt_length, where=record.where)
+  if images is not None:
+    images.check_kept(prompt, [completion])
+    return TokenizedSeq(record.where, prompt, completion, **_image_fields(images))
   return TokenizedSeq(record.where, prompt, completion, tuple(f.get("images", ())))
 
 
 def tokenize_prompt(tok, record: Record, *, max_prompt_length: int, truncation: str = "keep_end",
-                    use_chat_template: bool = True) -> TokenizedSeq:
+                    use_chat_template: bool = True, images=None) -> TokenizedSeq:
   """Tokenizes a prompt for generation (with the chat template's generation prompt)."""
   prompt = record.fields["prompt"]
   chat = use_chat_template and (isinstance(prompt, list) or bool(getattr(tok, "chat_template", None)))
-  ids = _ids(tok, _as_messages(prompt, "user"), add_generation_prompt=True, chat=True) if chat else \
-      _ids(tok, prompt, chat=False)
+  if chat:
+    msgs = _as_messages(prompt, "user")
+    ids = _ids(tok, msgs if images is None else images.messages(msgs), add_generation_prompt=True, chat=True,
+               images=images)
+  else:
+    ids = _ids(tok, prompt if images is None else images.plain(prompt), chat=False, images=images)
   if len(ids) > max_prompt_length:
     if truncation == "off":
       raise DataError(f"{record.where}: field 'prompt' has {len(ids)} tokens, more than "
                       f"max_prompt_length={max_prompt_length}, and data.truncation is 'off'")
     ids = ids[len(ids) - max_prompt_length:] if truncation == "keep_end" else ids[:max_prompt_length]
+  if images is not None:
+    images.check_kept(ids, [])
+    return TokenizedSeq(record.where, ids, [], **_image_fields(images))
   return TokenizedSeq(record.where, ids, [], tuple(record.fields.get("images", ())))

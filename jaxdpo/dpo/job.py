@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from jaxdpo import distributed, memory, model_setup, optim, train
 from jaxdpo import sharding as shd
-from jaxdpo.data import pipeline, records, tokenize
+from jaxdpo.data import multimodal, pipeline, records, tokenize
 from jaxdpo.dpo import losses, step as step_lib
 
 log = logging.getLogger("jaxdpo")
@@ -29,15 +29,20 @@ def step_config(config, model_cfg) -> step_lib.StepConfig:
                              grad_accum=config.train.grad_accum, logprob_chunk=config.train.logprob_chunk)
 
 
-def tokenize_preferences(source: str, tok, config, *, desc: str) -> list[tokenize.TokenizedPair]:
-  """Loads, validates and tokenizes every record up front: bad input stops the job before training."""
+def tokenize_preferences(source: str, tok, config, *, desc: str, vision=None) -> list[tokenize.TokenizedPair]:
+  """Loads, validates and tokenizes every record up front: bad input stops the job before training.
+
+  `vision`: the family's `multimodal.VisionAdapter`, which opens and measures each pair's images.
+  """
   recs = records.load_preferences(source, config.data.split)
   dcfg = config.data
+  base_dir = multimodal.base_dir_of(source)
   out = []
   for r in tqdm(recs, desc=f"tokenize {desc}", disable=not config.train.progress or jax.process_index() != 0):
     out.append(tokenize.tokenize_preference(tok, r, max_length=dcfg.max_length, truncation=dcfg.truncation,
                                             max_prompt_length=dcfg.max_prompt_length or None,
-                                            use_chat_template=dcfg.use_chat_template))
+                                            use_chat_template=dcfg.use_chat_template,
+                                            images=multimodal.record_images(vision, r, base_dir)))
   return out
 
 
@@ -62,13 +67,13 @@ def precompute_reference(bundle, examples, scfg, mesh, batch_size: int, collate,
   return [dataclasses.replace(e, ref_logps=r) for e, r in zip(examples, out)]
 
 
-def degeneration_eval_fn(config, tok, bundle):
+def degeneration_eval_fn(config, tok, bundle, vision=None):
   """(params) -> {"eval/degeneration_rate", ...} on `data.degeneration_eval`, or None when not configured."""
   if not config.data.degeneration_eval or config.train.degeneration_eval_every <= 0:
     return None
   from flax import nnx
   from jaxdpo import degeneration, sampling_run
-  items = sampling_run.load_prompts(config.data.degeneration_eval, tok, config)
+  items = sampling_run.load_prompts(config.data.degeneration_eval, tok, config, vision)
   g = config.generate
 
   def fn(params):
@@ -76,7 +81,7 @@ def degeneration_eval_fn(config, tok, bundle):
     rows = sampling_run.run_generation(
         model, tok, items, params=sampling_run.SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k),
         batch_size=g.batch_size, max_prompt_length=g.max_prompt_length, seed=config.seed,
-        degen_cfg=sampling_run.degeneration_config(config), progress=False)
+        degen_cfg=sampling_run.degeneration_config(config), progress=False, vision=vision)
     r = degeneration.rates(_VerdictView(row) for row in rows)
     return {"eval/degeneration_rate": r["degeneration_rate"], "eval/early_loop_rate": r["early_loop_rate"],
             "eval/hit_limit_rate": r["hit_limit_rate"]}
@@ -103,8 +108,13 @@ def run(config, workdir: str) -> dict:
   if config.dpo.reference not in ("model", "cached"):
     raise ValueError(f"config.dpo.reference={config.dpo.reference!r}; expected 'model' or 'cached'")
   tok = tokenize.load_tokenizer(config.data.tokenizer)
-  train_examples = tokenize_preferences(config.data.train, tok, config, desc="train")
-  eval_examples = tokenize_preferences(config.data.eval, tok, config, desc="eval") if config.data.eval else []
+  vision = multimodal.adapter_for(config, tok)
+  train_examples = tokenize_preferences(config.data.train, tok, config, desc="train", vision=vision)
+  eval_examples = (tokenize_preferences(config.data.eval, tok, config, desc="eval", vision=vision)
+                   if config.data.eval else [])
+  degen_vision = vision
+  if vision is not None:  # one static image budget for train and eval batches (one compile each)
+    vision = vision.with_budget(train_examples, eval_examples)
 
   # Per-device memory from shapes alone: a run that cannot fit stops before anything is allocated.
   plan = memory.report_and_check(memory.plan_dpo(config, mesh, rules), config.train.device_memory_gb)
@@ -112,7 +122,7 @@ def run(config, workdir: str) -> dict:
   check_vocab(tok, bundle.config, config.data.tokenizer)
   scfg = step_config(config, bundle.config)
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-  collate = lambda b: pipeline.collate_pairs(b, max_length=config.data.max_length, pad_id=pad_id)
+  collate = lambda b: pipeline.collate_pairs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision)
   # Every host walks the same global order and collates the rows its devices hold, so the global
   # batch does not depend on the number of processes (see pipeline.make_iterator).
   rows = distributed.host_rows(mesh, config.train.batch_size)
@@ -156,7 +166,7 @@ def run(config, workdir: str) -> dict:
       return {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
 
   spec = train.LoopSpec(step_fn=step_fn, state=state, ref=ref_params, iterator=iterator, eval_fn=eval_fn, desc="dpo",
-                        degeneration_fn=degeneration_eval_fn(config, tok, bundle))
+                        degeneration_fn=degeneration_eval_fn(config, tok, bundle, degen_vision))
   last = train.run_loop(config, workdir, mesh, spec)
   if int(jax.device_get(spec.state["step"])) >= config.train.num_steps:
     train.export_final_model(workdir, config, bundle, spec.state["params"])

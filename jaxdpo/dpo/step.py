@@ -7,8 +7,9 @@ pair axis B and a second axis of size 2 (chosen, rejected):
   positions   int32 [B, 2, T]
   loss_mask   int32 [B, 2, T]   1 on completion tokens
   ref_logps   fp32  [B, 2]      optional: cached reference log-probs
-Chosen and rejected of a pair stay on the same device (the pair axis is the sharded one), so
-per-pair work such as a vision tower can later run once per pair.
+  images      per pair, leading pair axis (layouts in `jaxdpo.data.step_inputs`)
+Chosen and rejected of a pair stay on the same device (the pair axis is the sharded one), and
+the vision tower runs once per pair: both rows read the pair's image features.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from flax import nnx
 from jaxdpo import accumulate as accumulate_lib
 from jaxdpo import sharding as shd
 from jaxdpo import update
+from jaxdpo.data import step_inputs
 from jaxdpo.dpo import logprobs, losses
 
 PAIR_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
@@ -43,8 +45,9 @@ class StepConfig:
 
 
 def flatten_pairs(batch: dict) -> dict:
-  """[B, 2, ...] -> [2B, ...] with rows (c0, r0, c1, r1, ...)."""
-  return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items() if k in PAIR_KEYS}
+  """[B, 2, ...] -> model inputs over [2B, ...] rows (c0, r0, c1, r1, ...), images included
+  (Qwen2.5-VL positions [B, 2, 3, T] -> [3, 2B, T]; see `jaxdpo.data.step_inputs`)."""
+  return step_inputs.pair_inputs(batch)
 
 
 def pair_logps(graphdef, params, batch, cfg: StepConfig):

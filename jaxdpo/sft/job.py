@@ -7,19 +7,22 @@ from tqdm.auto import tqdm
 
 from jaxdpo import model_setup, optim, train
 from jaxdpo import sharding as shd
-from jaxdpo.data import pipeline, records, tokenize
+from jaxdpo.data import multimodal, pipeline, records, tokenize
 from jaxdpo.dpo import job as dpo_job
 from jaxdpo.sft import step as sft_step
 
 
-def tokenize_sft(source: str, tok, config, *, desc: str) -> list[tokenize.TokenizedSeq]:
-  """Loads, validates and tokenizes every SFT record before training."""
+def tokenize_sft(source: str, tok, config, *, desc: str, vision=None) -> list[tokenize.TokenizedSeq]:
+  """Loads, validates and tokenizes every SFT record before training (images measured through
+  `vision`, the family's `multimodal.VisionAdapter`)."""
   d = config.data
   rows = records.load_rows(source, d.split)
   recs = [records.validate_completion(w, r) for w, r in rows]
+  base_dir = multimodal.base_dir_of(source)
   return [tokenize.tokenize_completion(tok, r, max_length=d.max_length, truncation=d.truncation,
                                        max_prompt_length=d.max_prompt_length or None,
-                                       use_chat_template=d.use_chat_template)
+                                       use_chat_template=d.use_chat_template,
+                                       images=multimodal.record_images(vision, r, base_dir))
           for r in tqdm(recs, desc=f"tokenize {desc}", disable=not config.train.progress or jax.process_index())]
 
 
@@ -29,7 +32,10 @@ def run(config, workdir: str) -> dict:
   mesh = shd.make_mesh(config.mesh)
   shd.check_batch(config.train.batch_size, mesh, rules)
   tok = tokenize.load_tokenizer(config.data.tokenizer)
-  examples = tokenize_sft(config.data.train, tok, config, desc="train")
+  vision = multimodal.adapter_for(config, tok)
+  examples = tokenize_sft(config.data.train, tok, config, desc="train", vision=vision)
+  if vision is not None:
+    vision = vision.with_budget(examples)
   bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed)
   dpo_job.check_vocab(tok, bundle.config, config.data.tokenizer)
   scfg = dpo_job.step_config(config, bundle.config)
@@ -38,7 +44,7 @@ def run(config, workdir: str) -> dict:
   step_fn = sft_step.make_train_step(bundle.graphdef, tx, scfg, mesh, jax.tree.map(lambda x: x.sharding, state),
                                      schedule)
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-  collate = lambda b: pipeline.collate_seqs(b, max_length=config.data.max_length, pad_id=pad_id)
+  collate = lambda b: pipeline.collate_seqs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision)
   iterator = pipeline.make_iterator(examples, batch_size=config.train.batch_size // jax.process_count(),
                                     collate=collate, seed=config.seed, shuffle=config.data.shuffle,
                                     process_index=jax.process_index(), process_count=jax.process_count())

@@ -1,6 +1,7 @@
 """The SFT step: completion-only cross-entropy, sharing log-probs and the update with DPO.
 
-Batch layout: input_ids, segment_ids, positions, loss_mask, all int32 [B, T].
+Batch layout: input_ids, segment_ids, positions, loss_mask, all int32 [B, T], plus the family's
+image arrays with a leading batch axis (see `jaxdpo.data.step_inputs`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdpo import accumulate, update
+from jaxdpo.data import step_inputs
 from jaxdpo.dpo import logprobs
 
 SEQ_KEYS = ("input_ids", "segment_ids", "positions")
@@ -20,7 +22,7 @@ def nll_terms(params, batch, graphdef, *, compute_dtype, chunk_size: int, logit_
   """This micro-batch's share of the token-mean NLL (normalised by the global token count)."""
   params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
   model = nnx.merge(graphdef, params)
-  h_BTD = model.hidden_states({k: batch[k] for k in batch if k != "loss_mask"})
+  h_BTD = model.hidden_states(step_inputs.seq_inputs(batch))
   seq, _, counts = logprobs.completion_logps(h_BTD, model.unembedding(), batch["input_ids"], batch["loss_mask"],
                                              chunk_size=chunk_size,
                                              logit_softcap=logit_softcap if logit_softcap is not None else

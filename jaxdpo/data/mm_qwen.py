@@ -1,0 +1,111 @@
+"""Qwen2.5-VL (and Nanonets-OCR2) images in the jobs' data path.
+
+Prompt: the chat template writes `<|vision_start|><|image_pad|><|vision_end|>` per image; the
+`<|image_pad|>` is repeated grid_t*grid_h*grid_w / merge^2 times, as transformers'
+`Qwen2_5_VLProcessor.replace_image_token` does (that processor cannot be built without
+torchvision's video processor, so its one-line expansion is mirrored here and held to it by
+`tests/test_vision_data.py`). Pixels come from transformers' `Qwen2VLImageProcessorPil`
+(`jaxdpo.data.images`), configured from the tokenizer directory's preprocessor_config.json.
+
+Batch arrays (per record, leading batch axis B):
+  pixel_values   float32 [B, P, E]  the record's patches in order, zero rows up to P =
+                                    the budget's max_patches (one vision row per record/pair)
+  image_grid_thw int32 [B, I, 3]    their grids, zero rows up to I = max_images
+  positions      int32 [B, 2, 3, T] (pairs) or [B, 3, T]: M-RoPE positions of every text row,
+                                    from `rope_index.get_rope_index` on the host
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxdpo.data import images as images_lib
+from jaxdpo.data.multimodal import Budget, DataError, VisionAdapter
+from jaxdpo.models.qwen2_5_vl import rope_index
+
+
+class QwenVLAdapter(VisionAdapter):
+  """Images for the `qwen2_5_vl` family."""
+
+  family = "qwen2_5_vl"
+  uses_patches = True
+
+  def __init__(self, model_cfg, tok, tokenizer_dir: str, data_cfg):
+    super().__init__(model_cfg, tok, tokenizer_dir, data_cfg)
+    self.image_token_id = model_cfg.image_token_id
+    self.placeholder_token = self.token_string(model_cfg.image_token_id, "image")
+    self._start = self.token_string(model_cfg.vision_start_token_id, "vision-start")
+    self._end = self.token_string(model_cfg.vision_end_token_id, "vision-end")
+    self.processor = self._image_processor()
+
+  def _image_processor(self):
+    v = self.model_cfg.vision
+    want = dict(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size)
+    from_dir = bool(self.tokenizer_dir) and os.path.isfile(os.path.join(self.tokenizer_dir, "preprocessor_config.json"))
+    proc = images_lib.qwen_image_processor(self.tokenizer_dir if from_dir else None, **({} if from_dir else want))
+    wrong = {k: (getattr(proc, k), w) for k, w in want.items() if getattr(proc, k) != w}
+    if wrong:
+      raise DataError(f"{self.tokenizer_dir}/preprocessor_config.json disagrees with the model's vision tower: "
+                      + ", ".join(f"{k}={a} (model: {b})" for k, (a, b) in wrong.items()))
+    return proc
+
+  def plain_placeholder(self) -> str:
+    return self._start + self.placeholder_token + self._end
+
+  def expansion(self, num_tokens: int) -> str:
+    return self.placeholder_token * num_tokens
+
+  def measure(self, path: str) -> tuple[int, int]:
+    pil, name = images_lib.load_image(path)
+    width, height = pil.size
+    if min(width, height) < 1:
+      raise images_lib.ImageError(f"{name}: empty image ({width}x{height})")
+    ratio = max(width, height) / min(width, height)
+    if ratio > images_lib.QWEN_MAX_ASPECT_RATIO:
+      raise images_lib.ImageError(f"{name}: aspect ratio {ratio:.1f} ({width}x{height}) exceeds "
+                                  f"{images_lib.QWEN_MAX_ASPECT_RATIO}, the most Qwen2-VL's image processor accepts")
+    try:
+      patches = int(self.processor.get_number_of_image_patches(height, width))
+    except Exception as e:  # transformers' smart_resize raises ValueError for unusable sizes
+      raise images_lib.ImageError(f"{name}: image preprocessing failed ({type(e).__name__}: {e})") from e
+    return patches // self.model_cfg.vision.merge_unit, patches
+
+  def round_budget(self, budget: Budget) -> Budget:
+    unit = self.model_cfg.vision.merge_unit
+    return Budget(budget.max_images, -(-budget.max_patches // unit) * unit)
+
+  def collate(self, examples: Sequence, text: dict, *, pairs: bool) -> dict:
+    b = self.budget
+    if b is None or b.max_images == 0:
+      return {}
+    cfg, v = self.model_cfg, self.model_cfg.vision
+    ids, seg = text["input_ids"], text["segment_ids"]
+    n = len(examples)
+    pixels = np.zeros((n, b.max_patches, v.patch_dim), np.float32)
+    grids = np.zeros((n, b.max_images, 3), np.int32)
+    rows = 2 if pairs else 1
+    t = ids.shape[-1]
+    positions = np.zeros((n, rows, 3, t), np.int32)
+    for i, e in enumerate(examples):
+      self.check_budget(e, len(e.images), sum(e.image_units))
+      grid = np.zeros((0, 3), np.int64)
+      if e.images:
+        vis = images_lib.qwen_image_inputs(e.images, self.processor)
+        if tuple(int(x) for x in vis["num_image_tokens"]) != tuple(e.image_tokens):
+          raise DataError(f"{e.where}: field 'images': the image processor gave {vis['num_image_tokens'].tolist()} "
+                          f"image tokens, the tokenized prompt holds {list(e.image_tokens)}")
+        grid = vis["image_grid_thw"]
+        pixels[i, :vis["pixel_values"].shape[0]] = vis["pixel_values"]
+        grids[i, :grid.shape[0]] = grid
+      for j in range(rows):
+        row_ids = ids[i, j] if pairs else ids[i]
+        row_seg = seg[i, j] if pairs else seg[i]
+        pos, _ = rope_index.get_rope_index(row_ids[None], row_seg[None], grid, spatial_merge_size=v.spatial_merge_size,
+                                           image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+                                           tokens_per_second=v.tokens_per_second)
+        positions[i, j] = pos[:, 0]
+    return {"pixel_values": pixels, "image_grid_thw": grids,
+            "positions": positions if pairs else positions[:, 0]}

@@ -1,0 +1,175 @@
+"""The image data path: bad image input is caught before training and named; budgets, truncation,
+prompt forms and the Gemma 3 image bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import _vision_job_helpers as VH
+from jaxdpo import config_defaults, sampling_run
+from jaxdpo.data import multimodal, pipeline, records, step_inputs, tokenize
+from jaxdpo.dpo import job as dpo_job
+from jaxdpo.sft import job as sft_job
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESETS = {"qwen2_5_vl": "tiny_vl", "gemma3": "tiny"}
+
+
+@pytest.fixture(scope="module", params=sorted(PRESETS))
+def env(request, tmp_path_factory):
+  """A preset model config (no weights needed), the family's tiny tokenizer dir and records."""
+  family = request.param
+  root = tmp_path_factory.mktemp(family)
+  tok_dir = str(root / "tok")
+  (VH.qwen_processor_files if family == "qwen2_5_vl" else VH.gemma_processor_files)(tok_dir)
+  paths = VH.vision_records(str(root / "data"), n=6, seed=0)
+  return dict(family=family, root=root, tok_dir=tok_dir, sft=paths[0], prompts=paths[1], prefs=paths[2])
+
+
+def _config(env, **data):
+  c = config_defaults.base()
+  c.model.family, c.model.preset = env["family"], PRESETS[env["family"]]
+  c.data.tokenizer, c.data.max_length, c.train.progress = env["tok_dir"], 64, False
+  for k, v in data.items():
+    setattr(c.data, k, v)
+  return c
+
+
+def _vision(config):
+  tok = tokenize.load_tokenizer(config.data.tokenizer)
+  return tok, multimodal.adapter_for(config, tok)
+
+
+def _rewrite(src, dst, line: int, **fields):
+  with open(src) as f:
+    rows = [json.loads(x) for x in f]
+  rows[line - 1].update(fields)
+  return VH.write_jsonl(dst, rows)
+
+
+def test_missing_image_stops_the_cli_before_training(env, tmp_path):
+  prefs = _rewrite(env["prefs"], os.path.join(os.path.dirname(env["prefs"]), "prefs_missing.jsonl"), 3,
+                   images=["img/page0.png", "img/nope.png"])
+  cmd = [sys.executable, "-m", "jaxdpo.main", "--config", os.path.join(ROOT, "configs", "tiny_vl.py:dpo"),
+         "--workdir", str(tmp_path / "w"), "--config.train.progress=False", "--config.mesh.data=1",
+         f"--config.model.family={env['family']}",
+         f"--config.model.preset={PRESETS[env['family']]}", f"--config.data.tokenizer={env['tok_dir']}",
+         f"--config.data.train={prefs}"]
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 2, r.stderr[-3000:]
+  want = f"error: {prefs}:3: field 'images': file not found: {os.path.dirname(prefs)}/img/nope.png"
+  assert want in r.stderr, r.stderr[-3000:]
+  assert not (tmp_path / "w" / "checkpoints").exists() and not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("job", ["sft", "eval"])
+def test_missing_and_unreadable_images_name_the_record(env, job):
+  config = _config(env)
+  tok, vision = _vision(config)
+  src = env["sft"] if job == "sft" else env["prompts"]
+  load = ((lambda p: sft_job.tokenize_sft(p, tok, config, desc="t", vision=vision)) if job == "sft" else
+          (lambda p: sampling_run.load_prompts(p, tok, config, vision)))
+  assert len(load(src)) == 6
+  data_dir = os.path.dirname(src)
+  missing = _rewrite(src, os.path.join(data_dir, f"{job}_missing.jsonl"), 2, images=["img/gone.png"])
+  with pytest.raises(records.DataError, match=rf"{job}_missing.jsonl:2: field 'images': file not found: .*gone.png"):
+    load(missing)
+  with open(os.path.join(data_dir, "img", "broken.png"), "wb") as f:
+    f.write(b"not a png at all")
+  broken = _rewrite(src, os.path.join(data_dir, f"{job}_broken.jsonl"), 5, images=["img/broken.png"])
+  with pytest.raises(records.DataError, match=rf"{job}_broken.jsonl:5: field 'images': .*broken.png: cannot read image"):
+    load(broken)
+
+
+def test_text_model_refuses_image_records(env):
+  config = config_defaults.base()
+  config.train.progress = False
+  tok = tokenize.load_tokenizer(config.data.tokenizer)  # the embedded text tokenizer, family qwen2
+  assert multimodal.adapter_for(config, tok) is None
+  with pytest.raises(records.DataError, match=r"prefs.jsonl:1: field 'images': the model has no vision tower"):
+    dpo_job.tokenize_preferences(env["prefs"], tok, config, desc="t")
+
+
+def test_budget_is_fixed_and_checked(env):
+  config = _config(env)
+  tok, vision = _vision(config)
+  examples = dpo_job.tokenize_preferences(env["prefs"], tok, config, desc="t", vision=vision)
+  auto = vision.with_budget(examples)
+  assert auto.budget.max_images == 2
+  if env["family"] == "qwen2_5_vl":
+    # Record 6 has the most patches: 32x24 (48 patches) + 40x16 (40 patches) with patch 4, merge 2.
+    assert [sum(e.image_units) for e in examples] == [48, 64, 0, 40, 16, 88] and auto.budget.max_patches == 88
+  batch = pipeline.collate_pairs(examples[:3], max_length=64, pad_id=0, vision=auto)
+  assert all(v.shape[0] == 3 for v in batch.values())  # every leaf leads with the pair axis
+  with pytest.raises(records.DataError, match=r"prefs.jsonl:2: field 'images': 2 images exceed data.max_images=1"):
+    _vision(_config(env, max_images=1))[1].with_budget(examples)
+  if env["family"] == "qwen2_5_vl":
+    with pytest.raises(records.DataError, match=r"prefs.jsonl:2: field 'images': the images need 64 patches, more "
+                                                r"than data.max_patches=60"):
+      _vision(_config(env, max_patches=60))[1].with_budget(examples)
+  fixed = _vision(_config(env, max_images=3, max_patches=96))[1].with_budget(examples)
+  batch = pipeline.collate_pairs(examples[:3], max_length=64, pad_id=0, vision=fixed)
+  assert batch["pixel_values"].shape[:2] == ((3, 96) if env["family"] == "qwen2_5_vl" else (3, 3))
+
+
+def test_truncation_never_cuts_image_tokens(env):
+  config = _config(env, max_length=20, truncation="keep_end")
+  tok, vision = _vision(config)
+  with pytest.raises(records.DataError, match=r"prefs.jsonl:\d: field 'images': truncation cut the prompt's image "
+                                              r"tokens \(\d+ of \d+ kept\)"):
+    dpo_job.tokenize_preferences(env["prefs"], tok, config, desc="t", vision=vision)
+
+
+def test_prompt_forms(env):
+  """Chat prompts with image parts, string prompts and prompts without a chat template."""
+  config = _config(env)
+  tok, vision = _vision(config)
+  base = os.path.dirname(env["prefs"])
+  row = {"prompt": "transcribe :", "chosen": "alpha bravo", "rejected": "alpha alpha alpha",
+         "images": ["img/page0.png", "img/page3.png"]}
+  def tok_pair(r, **kw):
+    rec = records.validate_preference("x.jsonl:1", r)
+    return tokenize.tokenize_preference(tok, rec, max_length=64, images=vision.record_images(rec, base), **kw)
+  plain = tok_pair(row)
+  parts = [{"type": "text", "text": "transcribe :"}]
+  msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}] + parts}]
+  assert tok_pair(dict(row, prompt=msgs)) == plain  # explicit image parts render as the string form does
+  with pytest.raises(records.DataError, match=r"x.jsonl:1: field 'images': the prompt's messages hold 1 image parts "
+                                              r"for 2 images"):
+    tok_pair(dict(row, prompt=[{"role": "user", "content": [{"type": "image"}] + parts}]))
+  no_chat = tok_pair(row, use_chat_template=False)
+  image_id = vision.image_token_id
+  n = sum(1 for t in plain.prompt if t == image_id)
+  assert n == sum(plain.image_tokens) == sum(1 for t in no_chat.prompt if t == image_id) > 0
+  assert no_chat.chosen[-1] == tok.eos_token_id and no_chat.prompt != plain.prompt
+
+
+def test_gemma_image_index_follows_pairs():
+  """Runs are counted row-major over rows c0, r0, c1, r1, ...; each reads its pair's slots."""
+  # Pairs with 1, 2 and 0 images, two slots per pair.
+  batch = {"input_ids": jnp.zeros((3, 2, 4), jnp.int32), "segment_ids": jnp.ones((3, 2, 4), jnp.int32),
+           "pixel_values": jnp.zeros((3, 2, 3, 5, 5)), "num_images": jnp.asarray([1, 2, 0], jnp.int32)}
+  out = step_inputs.pair_inputs(batch)
+  assert out["pixel_values"].shape == (6, 3, 5, 5) and out["input_ids"].shape == (6, 4)
+  # Runs: c0 -> slot 0; r0 -> slot 0; c1 -> slots 2, 3; r1 -> slots 2, 3; the rest unused (0).
+  np.testing.assert_array_equal(out["image_index"], [0, 0, 2, 3, 2, 3] + [0] * 6)
+  seq = step_inputs.seq_inputs({k: v[:, 0] if k in ("input_ids", "segment_ids") else v for k, v in batch.items()})
+  np.testing.assert_array_equal(seq["image_index"], [0, 2, 3, 0, 0, 0])
+
+
+def test_qwen_positions_flatten_to_mrope_layout():
+  pos = jnp.arange(2 * 2 * 3 * 5).reshape(2, 2, 3, 5)
+  batch = {"input_ids": jnp.zeros((2, 2, 5), jnp.int32), "segment_ids": jnp.ones((2, 2, 5), jnp.int32),
+           "positions": pos, "pixel_values": jnp.zeros((2, 8, 6)), "image_grid_thw": jnp.zeros((2, 1, 3), jnp.int32)}
+  out = step_inputs.pair_inputs(batch)
+  assert out["positions"].shape == (3, 4, 5)
+  np.testing.assert_array_equal(out["positions"][:, 3], pos[1, 1])  # row 3 = pair 1, rejected
+  np.testing.assert_array_equal(out["vision_row"], [0, 0, 1, 1])
+  assert out["pixel_values"].shape == (2, 8, 6)

@@ -1,0 +1,101 @@
+"""Image batches on a multi-device mesh: DPO and SFT steps with images on (data=2, fsdp=2) of the 8
+fake CPU devices equal the one-device steps; gradient accumulation with images equals one batch.
+
+Every image leaf leads with the batch (pair) axis, so `update.batch_shardings` splits it with
+the token leaves: a pair and its images live on one device.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import _vision_job_helpers as VH
+from jaxdpo import config_defaults, model_setup, optim, sharding as shd, train
+from jaxdpo.data import multimodal, pipeline, tokenize
+from jaxdpo.dpo import job as dpo_job, step as step_lib
+from jaxdpo.sft import job as sft_job, step as sft_step
+
+PRESETS = {"qwen2_5_vl": "tiny_vl", "gemma3": "tiny"}
+MESH = {"data": 2, "fsdp": 2, "tensor": 1}
+ONE = {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+@pytest.fixture(scope="module", params=sorted(PRESETS))
+def data(request, tmp_path_factory):
+  family = request.param
+  root = tmp_path_factory.mktemp(family)
+  tok_dir = str(root / "tok")
+  (VH.qwen_processor_files if family == "qwen2_5_vl" else VH.gemma_processor_files)(tok_dir)
+  sft, _, prefs = VH.vision_records(str(root / "data"), n=6, seed=0)
+  c = config_defaults.base()
+  c.model.family, c.model.preset = family, PRESETS[family]
+  c.data.tokenizer, c.data.max_length, c.train.progress = tok_dir, 64, False
+  c.optim.lr, c.optim.warmup_steps, c.train.batch_size = 1e-3, 0, 4
+  tok = tokenize.load_tokenizer(tok_dir)
+  vision = multimodal.adapter_for(c, tok)
+  pairs = dpo_job.tokenize_preferences(prefs, tok, c, desc="t", vision=vision)[:4]
+  seqs = sft_job.tokenize_sft(sft, tok, c, desc="t", vision=vision)[:4]
+  vision = vision.with_budget(pairs, seqs)
+  return dict(config=c, bundles={}, pair_batch=pipeline.collate_pairs(pairs, max_length=64, pad_id=0, vision=vision),
+              seq_batch=pipeline.collate_seqs(seqs, max_length=64, pad_id=0, vision=vision))
+
+
+def _bundle(data, mesh_sizes):
+  """The model set up on a mesh, once per mesh (setting up even a tiny model takes seconds)."""
+  key = tuple(sorted(mesh_sizes.items()))
+  if key not in data["bundles"]:
+    mesh = shd.make_mesh(mesh_sizes)
+    data["bundles"][key] = mesh, model_setup.setup_model(data["config"].model, mesh, shd.DEFAULT_RULES, seed=0)
+  return data["bundles"][key]
+
+
+def _run(data, mesh_sizes, job="dpo", grad_accum=1, steps=2):
+  config = data["config"]
+  config.train.grad_accum = grad_accum
+  mesh, bundle = _bundle(data, mesh_sizes)
+  copy = jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p), out_shardings=bundle.param_shardings)
+  params = copy(bundle.params)  # the train state is donated; the bundle's params stay intact
+  tx, schedule = optim.make_optimizer(config.optim, 10)
+  state = {"step": train.scalar_state(0, mesh), "params": params, "opt_state": train.init_opt_state(tx, params, mesh)}
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  scfg = dpo_job.step_config(config, bundle.config)
+  if job == "dpo":
+    ref = copy(bundle.params)
+    step_fn = step_lib.make_train_step(bundle.graphdef, tx, scfg, mesh, state_sh, bundle.param_shardings, schedule)
+    batch = data["pair_batch"]
+  else:
+    ref = None
+    step_fn = sft_step.make_train_step(bundle.graphdef, tx, scfg, mesh, state_sh, schedule)
+    batch = data["seq_batch"]
+  sharded = shd.put_batch(batch, mesh)
+  losses = []
+  for _ in range(steps):
+    state, metrics = step_fn(state, ref, sharded)
+    losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state["params"]), sharded
+
+
+def _assert_same(run, ref):
+  (losses, params, _), (ref_losses, ref_params, _) = run, ref
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  assert abs(ref_losses[1] - ref_losses[0]) > 1e-4  # the first update changed the model
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("job", ["dpo", "sft"])
+def test_image_batches_on_a_mesh_match_one_device(data, job):
+  assert len(jax.devices()) == 8
+  single = _run(data, ONE, job)
+  meshed = _run(data, MESH, job)
+  _assert_same(meshed, single)
+  # Image leaves are split over the 4 data-parallel devices along their leading (pair) axis.
+  batch = meshed[2]
+  assert "pixel_values" in batch
+  for key, leaf in batch.items():
+    assert leaf.sharding.spec[0] == ("data", "fsdp"), key
+    assert leaf.addressable_shards[0].data.shape[0] == leaf.shape[0] // 4, key
+  if job == "dpo":
+    _assert_same(_run(data, ONE, job, grad_accum=2), single)
