@@ -123,7 +123,7 @@ def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, p
   graphdef, abstract = io.build_abstract(fam, cfg, pdt, impl)
   p_sh = shd.param_shardings(abstract, shd.DEFAULT_RULES, mesh)
   from flax import nnx
-  params = jax.jit(lambda: nnx.split(fam.build(cfg, nnx.Rngs(0), pdt, impl), nnx.Param)[1].to_pure_dict(),
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(fam.build(cfg, nnx.Rngs(0), pdt, impl), nnx.Param)[1]),
                    out_shardings=p_sh)()
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   n_embed = cfg.vocab_size * cfg.hidden_size

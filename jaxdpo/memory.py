@@ -21,6 +21,7 @@ import math
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxdpo import sharding as shd
 
@@ -175,7 +176,7 @@ def plan_dpo(config, mesh, rules=shd.DEFAULT_RULES) -> MemoryPlan:
   compute = model_setup.dtype_of(config.model.compute_dtype)
   abstract = _abstract_params(family.name, model_cfg, param_dtype)
   p_sh = shd.param_shardings(abstract, rules, mesh)
-  params = with_shardings(abstract.to_pure_dict(), p_sh)
+  params = with_shardings(nnx.to_pure_dict(abstract), p_sh)
   tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
   abstract_opt = jax.eval_shape(tx.init, params)
   opt = with_shardings(abstract_opt, opt_state_shardings(abstract_opt, params, p_sh, mesh))

@@ -70,10 +70,10 @@ def setup_model(model_cfg, mesh, rules, *, seed: int) -> ModelBundle:
   graphdef, abstract = io.build_abstract(family, cfg, param_dtype, impl)
   p_sh = shd.param_shardings(abstract, rules, mesh)
   if model_cfg.checkpoint:
-    params = io.load_params(model_cfg.checkpoint, abstract, shardings=p_sh, dtype=param_dtype).to_pure_dict()
+    params = nnx.to_pure_dict(io.load_params(model_cfg.checkpoint, abstract, shardings=p_sh, dtype=param_dtype))
   else:
     def init():
       model = family.build(cfg, nnx.Rngs(seed), param_dtype, impl)
-      return nnx.split(model, nnx.Param)[1].to_pure_dict()
+      return nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
     params = jax.jit(init, out_shardings=p_sh)()
   return ModelBundle(family, cfg, graphdef, params, p_sh, abstract)

@@ -101,17 +101,17 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], rules, mes
 
 
 def logical_axes_tree(abstract_params: nnx.State):
-  """Pure-dict tree of logical-axis tuples, parallel to `abstract_params.to_pure_dict()`."""
+  """Pure-dict tree of logical-axis tuples, parallel to `nnx.to_pure_dict(abstract_params)`."""
   def axes_of(v):
     return v.get_metadata().get("logical_axes") or (None,) * len(v.value.shape)
-  return jax.tree.map(lambda v: P(*axes_of(v)), abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable)
-                      ).to_pure_dict()
+  return nnx.to_pure_dict(jax.tree.map(lambda v: P(*axes_of(v)), abstract_params,
+                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def param_shardings(abstract_params: nnx.State, rules, mesh):
   """NamedSharding for every parameter (pure-dict tree)."""
   axes = logical_axes_tree(abstract_params)
-  shapes = abstract_params.to_pure_dict()
+  shapes = nnx.to_pure_dict(abstract_params)
   return jax.tree.map(lambda a, s: NamedSharding(mesh, logical_to_spec(tuple(a), s.shape, rules, mesh)),
                       axes, shapes, is_leaf=lambda x: isinstance(x, P))
 

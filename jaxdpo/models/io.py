@@ -128,7 +128,7 @@ def load_params(ckpt_dir: str, abstract_params: nnx.State, shardings=None, dtype
     nnx.State with concrete arrays.
   """
   import orbax.checkpoint as ocp
-  pure = abstract_params.to_pure_dict()
+  pure = nnx.to_pure_dict(abstract_params)
   if shardings is None:
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), pure)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), pure, shardings)
@@ -174,7 +174,7 @@ def load_hf_model(hf_dir: str, *, param_dtype=jnp.float32, attention_impl=None, 
   """
   _, family, cfg = read_hf_config(hf_dir)
   graphdef, abstract = build_abstract(family, cfg, param_dtype, attention_impl)
-  pure = abstract.to_pure_dict()
+  pure = nnx.to_pure_dict(abstract)
   expected = {k: tuple(v.shape) for k, v in flatten(pure).items()}
   flat_shardings = flatten(shardings) if shardings is not None else {}
   place = lambda path, arr: jax.device_put(arr, flat_shardings.get(path))
@@ -189,10 +189,10 @@ def hf_to_jax_dir(hf_dir: str, out_dir: str, *, overwrite: bool = False, dtype=N
   """Converts an HF checkpoint directory into a jaxdpo checkpoint directory, atomically."""
   hf_config, family, cfg = read_hf_config(hf_dir)
   _, abstract = build_abstract(family, cfg)
-  expected = {k: tuple(v.shape) for k, v in flatten(abstract.to_pure_dict()).items()}
+  expected = {k: tuple(v.shape) for k, v in flatten(nnx.to_pure_dict(abstract)).items()}
   flat = convert_table.hf_to_jax(convert_table.iter_hf_tensors(hf_dir), family.rules(cfg), expected,
                                  family.normalize_key(cfg), dtype=dtype)
-  pure = unflatten_like(flat, abstract.to_pure_dict())
+  pure = unflatten_like(flat, nnx.to_pure_dict(abstract))
   with atomic_dir(out_dir, overwrite=overwrite) as tmp:
     with open(os.path.join(tmp, "jaxdpo_model.json"), "w") as f:
       json.dump({"family": family.name, "config": config_to_dict(cfg)}, f, indent=2)
@@ -218,7 +218,7 @@ def jax_to_hf_dir(ckpt_dir: str, out_dir: str, *, overwrite: bool = False, max_s
   family, cfg = read_model_meta(ckpt_dir)
   if params is None:
     _, _, _, params = load_model(ckpt_dir)
-  flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params.to_pure_dict()).items()}
+  flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(nnx.to_pure_dict(params)).items()}
   tensors = convert_table.jax_to_hf(flat, family.rules(cfg), family.denormalize_key)
   hf_config_path = os.path.join(ckpt_dir, "hf_config.json")
   with open(hf_config_path) as f:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from tqdm.auto import tqdm
 
-from jaxdpo import model_setup, optim, train
+from jaxdpo import distributed, model_setup, optim, train
 from jaxdpo import sharding as shd
 from jaxdpo.data import multimodal, pipeline, records, tokenize
 from jaxdpo.dpo import job as dpo_job
@@ -45,9 +45,11 @@ def run(config, workdir: str) -> dict:
                                      schedule)
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
   collate = lambda b: pipeline.collate_seqs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision)
-  iterator = pipeline.make_iterator(examples, batch_size=config.train.batch_size // jax.process_count(),
-                                    collate=collate, seed=config.seed, shuffle=config.data.shuffle,
-                                    process_index=jax.process_index(), process_count=jax.process_count())
+  # As in the DPO job: every host walks the same global order and collates only its own rows,
+  # so the trajectory does not depend on the number of hosts.
+  iterator = pipeline.make_iterator(examples, batch_size=config.train.batch_size, collate=collate,
+                                    seed=config.seed, shuffle=config.data.shuffle,
+                                    host_rows=distributed.host_rows(mesh, config.train.batch_size))
   spec = train.LoopSpec(step_fn=step_fn, state=state, ref=None, iterator=iterator, desc="sft")
   last = train.run_loop(config, workdir, mesh, spec)
   if int(jax.device_get(spec.state["step"])) >= config.train.num_steps:
