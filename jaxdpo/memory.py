@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxdpo import model_setup
 from jaxdpo import sharding as shd
 
 log = logging.getLogger("jaxdpo")
@@ -149,16 +150,6 @@ def estimate_activations(model_cfg, *, rows_per_device: int, seq_len: int, compu
   return tokens * per_token * layers + logits
 
 
-def _model_of(model_cfg_block):
-  """(family, model config) from `config.model`, without loading weights."""
-  from jaxdpo.models import io, registry
-  if model_cfg_block.checkpoint:
-    return io.read_model_meta(model_cfg_block.checkpoint)
-  family = registry.get_family(model_cfg_block.family)
-  if model_cfg_block.preset not in family.presets:
-    raise ValueError(f"config.model.preset={model_cfg_block.preset!r} is not a {family.name} preset; "
-                     f"known: {sorted(family.presets)}")
-  return family, family.presets[model_cfg_block.preset]()
 
 
 @functools.lru_cache(maxsize=4)
@@ -171,7 +162,7 @@ def _abstract_params(family_name: str, model_cfg, param_dtype):
 def plan_dpo(config, mesh, rules=shd.DEFAULT_RULES) -> MemoryPlan:
   """The per-device plan of `config`'s DPO step on `mesh`, from shapes only (nothing allocated)."""
   from jaxdpo import model_setup, optim
-  family, model_cfg = _model_of(config.model)
+  family, model_cfg = model_setup.resolve_model(config.model)
   param_dtype = model_setup.dtype_of(config.model.param_dtype)
   compute = model_setup.dtype_of(config.model.compute_dtype)
   abstract = _abstract_params(family.name, model_cfg, param_dtype)

@@ -55,18 +55,22 @@ def parse_rules(spec: str):
   return tuple(table.items())
 
 
+def resolve_model(model_cfg):
+  """(family, model config) named by `config.model`, without building or loading weights."""
+  if model_cfg.checkpoint:
+    return io.read_model_meta(model_cfg.checkpoint)
+  family = registry.get_family(model_cfg.family)
+  if model_cfg.preset not in family.presets:
+    raise ValueError(f"config.model.preset={model_cfg.preset!r} is not a {family.name} preset; "
+                     f"known: {sorted(family.presets)}")
+  return family, family.presets[model_cfg.preset]()
+
+
 def setup_model(model_cfg, mesh, rules, *, seed: int) -> ModelBundle:
   """Creates or loads the policy directly into its sharding (never whole on one host)."""
   param_dtype = dtype_of(model_cfg.param_dtype)
   impl = attention_impl(model_cfg.attention_impl, dtype_of(model_cfg.compute_dtype))
-  if model_cfg.checkpoint:
-    family, cfg = io.read_model_meta(model_cfg.checkpoint)
-  else:
-    family = registry.get_family(model_cfg.family)
-    if model_cfg.preset not in family.presets:
-      raise ValueError(f"config.model.preset={model_cfg.preset!r} is not a {family.name} preset; "
-                       f"known: {sorted(family.presets)}")
-    cfg = family.presets[model_cfg.preset]()
+  family, cfg = resolve_model(model_cfg)
   graphdef, abstract = io.build_abstract(family, cfg, param_dtype, impl)
   p_sh = shd.param_shardings(abstract, rules, mesh)
   if model_cfg.checkpoint:

@@ -28,6 +28,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
+from jaxdpo import model_setup
 from jaxdpo.data import images as images_lib
 from jaxdpo.data.records import DataError, Record, resolve_image_paths
 
@@ -210,21 +211,11 @@ class RecordImages:
       raise DataError(f"{self.where}: a completion contains image tokens (id {tid})")
 
 
-def model_family(model_block):
-  """(family, model config) from `config.model`, without building or loading weights."""
-  from jaxdpo.models import io, registry
-  if model_block.checkpoint:
-    return io.read_model_meta(model_block.checkpoint)
-  family = registry.get_family(model_block.family)
-  if model_block.preset not in family.presets:
-    raise ValueError(f"config.model.preset={model_block.preset!r} is not a {family.name} preset; "
-                     f"known: {sorted(family.presets)}")
-  return family, family.presets[model_block.preset]()
 
 
 def adapter_for(config, tok) -> VisionAdapter | None:
   """The vision adapter of `config.model`'s family, or None for text-only families."""
-  family, model_cfg = model_family(config.model)
+  family, model_cfg = model_setup.resolve_model(config.model)
   return make_adapter(family.name, model_cfg, tok, config.data.tokenizer, config.data)
 
 
