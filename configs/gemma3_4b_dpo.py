@@ -10,7 +10,7 @@ tokenizer. Without it the preset is randomly initialised (memory planning, bench
 tied embedding alone 2.7 GB in fp32, so parameters are sharded over every device (fsdp=-1).
 """
 
-from jaxdpo import config_defaults
+from jaxdpo.jobs import defaults as config_defaults
 
 
 

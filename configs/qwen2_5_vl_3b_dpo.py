@@ -11,7 +11,7 @@ still overrides it. The mesh shards parameters and optimizer state over every de
 (fsdp=-1); see launch/README.md for the mesh to pick on each TPU slice or GPU node.
 """
 
-from jaxdpo import config_defaults
+from jaxdpo.jobs import defaults as config_defaults
 
 
 

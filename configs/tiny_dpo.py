@@ -5,7 +5,7 @@
 Runs on a laptop CPU in about a minute with no network and no downloaded model.
 """
 
-from jaxdpo import config_defaults
+from jaxdpo.jobs import defaults as config_defaults
 
 
 def get_config(arg=None):

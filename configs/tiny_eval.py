@@ -5,7 +5,8 @@
   -> generations.jsonl, eval_summary.json
 """
 
-from jaxdpo import assets, config_defaults
+from jaxdpo import assets
+from jaxdpo.jobs import defaults as config_defaults
 
 
 def get_config(arg=None):

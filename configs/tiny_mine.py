@@ -9,7 +9,8 @@ sample by CER when no sample degenerated (`mine.rejected = "worst_cer"`); the st
 is `"degenerate"`.
 """
 
-from jaxdpo import assets, config_defaults
+from jaxdpo import assets
+from jaxdpo.jobs import defaults as config_defaults
 
 
 def get_config(arg=None):

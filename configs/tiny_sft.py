@@ -4,7 +4,8 @@
   -> /tmp/jaxdpo-sft/model  (use as --config.model.checkpoint of eval / mine / dpo)
 """
 
-from jaxdpo import assets, config_defaults
+from jaxdpo import assets
+from jaxdpo.jobs import defaults as config_defaults
 
 
 def get_config(arg=None):

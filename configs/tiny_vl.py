@@ -10,7 +10,7 @@ CKPT is a converted Qwen2.5-VL or Gemma 3 checkpoint whose tokenizer dir holds t
 processor's preprocessor_config.json (tests build tiny ones).
 """
 
-from jaxdpo import config_defaults
+from jaxdpo.jobs import defaults as config_defaults
 
 JOBS = ("sft", "eval", "mine", "dpo")
 

@@ -8,7 +8,8 @@ import sys
 
 import numpy as np
 
-from jaxdpo import assets, config_defaults
+from jaxdpo import assets
+from jaxdpo.jobs import defaults as config_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jaxdpo.data.images import qwen_image_inputs, qwen_image_processor
+from jaxdpo.data.vision.images import qwen_image_inputs, qwen_image_processor
 
 # Special token ids of the tiny model (inside its small vocabulary).
 VOCAB = 331

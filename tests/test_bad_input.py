@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jaxdpo import main as jmain
+from jaxdpo.cli import main as jmain
 from jaxdpo.data.records import DataError
 from tests._dpo_helpers import demo_config, run_main
 

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from jaxdpo import bench
+from jaxdpo.cli import bench
 
 
 def test_bench_reports_throughput_and_peer_ratio(tmp_path, capsys):

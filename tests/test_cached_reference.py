@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxdpo import main as jmain
+from jaxdpo.cli import main as jmain
 from tests._dpo_helpers import demo_config, read_metrics
 
 

@@ -49,7 +49,7 @@ def test_masks_come_from_spans_even_when_pad_equals_eos():
 
 def test_reference_free_and_hinge_losses():
   import jax.numpy as jnp
-  from jaxdpo.dpo import losses
+  from jaxdpo.objectives import dpo_losses as losses
   pc, pr = jnp.array([-5.0, -2.0]), jnp.array([-6.0, -1.0])
   rc, rr = jnp.array([-4.0, -4.0]), jnp.array([-4.0, -4.0])
   n = jnp.array([2.0, 2.0])
@@ -64,7 +64,7 @@ def test_reference_free_and_hinge_losses():
 
 def test_tensorboard_writes_events(tmp_path):
   pytest.importorskip("tensorboardX")
-  from jaxdpo.metrics_writer import MetricsWriter
+  from jaxdpo.train.metrics import MetricsWriter
   w = MetricsWriter(str(tmp_path), tensorboard=True)
   w.write(1, {"loss": 0.5})
   w.close()

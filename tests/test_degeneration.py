@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxdpo import degeneration as deg
+from jaxdpo.generation import degeneration as deg
 
 CFG = deg.DegenerationConfig()
 

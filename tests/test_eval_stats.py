@@ -9,7 +9,7 @@ import jiwer
 import numpy as np
 import pytest
 
-from jaxdpo import eval_stats as es
+from jaxdpo.generation import eval_stats as es
 
 
 def test_wilson_interval_known_value():

@@ -15,7 +15,7 @@ import transformers
 from safetensors import safe_open
 
 import _gemma_helpers as H
-from jaxdpo import convert as cli
+from jaxdpo.cli import convert as cli
 from jaxdpo.models import convert_table, io
 from jaxdpo.models.gemma3 import config as gcfg
 from jaxdpo.models.gemma3 import convert as gconv

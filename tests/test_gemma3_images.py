@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdpo.data import images
+from jaxdpo.data.vision import images
 
 
 def _image(w, h, seed=0):

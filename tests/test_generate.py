@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from _gen_helpers import VOCAB, hf_greedy, left_padded_batch, tiny_qwen2_pair
-from jaxdpo import generate as gen
+from jaxdpo.generation import decode as gen
 from jaxdpo.models.qwen2_5_vl import config as qwen_config
 from jaxdpo.models.qwen2_5_vl.model import Qwen2Decoder
 

@@ -10,9 +10,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdpo import memory, model_setup, optim, sharding as shd, train
+from jaxdpo.parallel import memory
+from jaxdpo.jobs import model_setup
+from jaxdpo.train import optim
+from jaxdpo.parallel import sharding as shd
+from jaxdpo.train import loop as train
 from jaxdpo.data import pipeline
-from jaxdpo.dpo import job as dpo_job, step as step_lib
+from jaxdpo.jobs import dpo as dpo_job
+from jaxdpo.objectives import dpo_step as step_lib
 from jaxdpo.models import registry
 from tests._dpo_helpers import ROOT, demo_config, tokenizer
 
@@ -33,7 +38,7 @@ def _expected_param_bytes(config, num_devices):
   On a data=1, tensor=1, fsdp=N mesh only fsdp splits anything: the first dimension whose logical
   name maps to fsdp and whose size N divides is split N ways; every other leaf is whole.
   """
-  from jaxdpo import model_setup
+  from jaxdpo.jobs import model_setup
   fsdp_names = {name for name, axes in model_setup.parse_rules(config.sharding_rules)
                 if axes == "fsdp" or (isinstance(axes, tuple) and axes == ("fsdp",))}
   assert {"embed", "vision_embed"} <= fsdp_names

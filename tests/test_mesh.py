@@ -4,9 +4,13 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdpo import model_setup, optim, sharding as shd, train
+from jaxdpo.jobs import model_setup
+from jaxdpo.train import optim
+from jaxdpo.parallel import sharding as shd
+from jaxdpo.train import loop as train
 from jaxdpo.data import pipeline
-from jaxdpo.dpo import job as dpo_job, step as step_lib
+from jaxdpo.jobs import dpo as dpo_job
+from jaxdpo.objectives import dpo_step as step_lib
 from tests._dpo_helpers import demo_config, tokenizer
 
 

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdpo import distributed, sharding as shd
+from jaxdpo.parallel import distributed
+from jaxdpo.parallel import sharding as shd
 from jaxdpo.data import pipeline
 from tests import _multihost_helpers as mh
 from tests._dpo_helpers import read_metrics

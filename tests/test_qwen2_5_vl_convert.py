@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import _qwen_vl_helpers as H
-from jaxdpo import convert as cli
+from jaxdpo.cli import convert as cli
 from jaxdpo.models import convert_table, io, registry
 from jaxdpo.models.qwen2_5_vl import convert as qconv
 

@@ -31,7 +31,7 @@ def vl(tmp_path_factory):
 
 
 def test_greedy_generation_with_images_equals_transformers(vl):
-  from jaxdpo.generate import generate
+  from jaxdpo.generation.decode import generate
   ref = vl["tokens"]
   assert ref.shape == (3, STEPS) and len(np.unique(ref)) > 10  # a meaningful sequence, not one repeated token
   out = generate(vl["model"], vl["inputs"], max_new_tokens=STEPS, eos_token_id=-1, pad_token_id=H.PAD)

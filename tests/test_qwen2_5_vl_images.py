@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import _qwen_vl_helpers as H
-from jaxdpo.data import images
+from jaxdpo.data.vision import images
 from jaxdpo.models import io
 
 

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from jaxdpo import train
+from jaxdpo.train import loop as train
 
 
 def _run(seconds, factor=10.0):

@@ -18,7 +18,8 @@ import torch
 
 from jaxdpo.data.pipeline import collate_pairs
 from jaxdpo.data.tokenize import TokenizedPair
-from jaxdpo.dpo import losses, step as step_lib
+from jaxdpo.objectives import dpo_losses as losses
+from jaxdpo.objectives import dpo_step as step_lib
 from jaxdpo.models import io
 from tests._dpo_helpers import tiny_qwen2_hf, tokenizer
 
@@ -173,7 +174,7 @@ def test_three_adamw_steps_match_trl(setup, moved):
   trainer.train()
   trained = {k: v.detach().numpy() for k, v in trainer.model.state_dict().items()}
 
-  from jaxdpo import optim
+  from jaxdpo.train import optim
   from ml_collections import ConfigDict
   ocfg = ConfigDict(dict(lr=1e-3, schedule="constant", warmup_steps=0, end_lr_ratio=0.0, b1=0.9, b2=0.999,
                          eps=1e-8, weight_decay=0.0, max_grad_norm=1.0))

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 import _vision_job_helpers as VH
-from jaxdpo import config_defaults, sampling_run
-from jaxdpo.data import multimodal, pipeline, records, step_inputs, tokenize
-from jaxdpo.dpo import job as dpo_job
-from jaxdpo.sft import job as sft_job
+from jaxdpo.jobs import defaults as config_defaults
+from jaxdpo.generation import sampling as sampling_run
+from jaxdpo.data import pipeline, records, step_inputs, tokenize
+from jaxdpo.data.vision import adapters as multimodal
+from jaxdpo.jobs import dpo as dpo_job
+from jaxdpo.jobs import sft as sft_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {"qwen2_5_vl": "tiny_vl", "gemma3": "tiny"}

@@ -20,10 +20,13 @@ import torch
 from PIL import Image
 
 import _vision_job_helpers as VH
-from jaxdpo import config_defaults
-from jaxdpo.data import images as images_lib, multimodal, pipeline, tokenize
-from jaxdpo.dpo import job as dpo_job
-from jaxdpo.dpo import losses, step as step_lib
+from jaxdpo.jobs import defaults as config_defaults
+from jaxdpo.data import pipeline, tokenize
+from jaxdpo.data.vision import images as images_lib
+from jaxdpo.data.vision import adapters as multimodal
+from jaxdpo.jobs import dpo as dpo_job
+from jaxdpo.objectives import dpo_losses as losses
+from jaxdpo.objectives import dpo_step as step_lib
 from jaxdpo.models import io
 
 FAMILIES = ["qwen2_5_vl", "gemma3"]
@@ -148,7 +151,7 @@ def test_greedy_generation_with_images_matches_transformers(setup):
   """The eval/mine engine: left-padded batches mixing 0, 1 and 2 images, greedy, equal HF `generate`
   run record by record (no padding)."""
   from flax import nnx
-  from jaxdpo import sampling_run
+  from jaxdpo.generation import sampling as sampling_run
   new = 6
   tok, config = setup["tok"], setup["config"]
   config.generate.max_prompt_length = 48

@@ -12,10 +12,17 @@ import numpy as np
 import pytest
 
 import _vision_job_helpers as VH
-from jaxdpo import config_defaults, model_setup, optim, sharding as shd, train
-from jaxdpo.data import multimodal, pipeline, tokenize
-from jaxdpo.dpo import job as dpo_job, step as step_lib
-from jaxdpo.sft import job as sft_job, step as sft_step
+from jaxdpo.jobs import defaults as config_defaults
+from jaxdpo.jobs import model_setup
+from jaxdpo.train import optim
+from jaxdpo.parallel import sharding as shd
+from jaxdpo.train import loop as train
+from jaxdpo.data import pipeline, tokenize
+from jaxdpo.data.vision import adapters as multimodal
+from jaxdpo.jobs import dpo as dpo_job
+from jaxdpo.objectives import dpo_step as step_lib
+from jaxdpo.jobs import sft as sft_job
+from jaxdpo.objectives import sft_step
 
 PRESETS = {"qwen2_5_vl": "tiny_vl", "gemma3": "tiny"}
 MESH = {"data": 2, "fsdp": 2, "tensor": 1}

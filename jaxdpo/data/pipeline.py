@@ -31,7 +31,7 @@ def _row(prompt: list[int], completion: list[int], t: int, pad_id: int):
 
 def collate_pairs(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: int,
                   vision=None) -> dict[str, np.ndarray]:
-  """Stacks pairs into the step's [B, 2, T] layout (see `jaxdpo.dpo.step`).
+  """Stacks pairs into the step's [B, 2, T] layout (see `jaxdpo.objectives.dpo_step`).
 
   `vision` (a `multimodal.VisionAdapter` with its budget fixed) adds each pair's images once,
   with a leading pair axis (see `jaxdpo.data.step_inputs`).
@@ -58,7 +58,7 @@ def make_iterator(examples: Sequence, *, batch_size: int, collate: Callable, see
   Two ways to split data over hosts:
     * `host_rows` given (the DPO job's choice): `batch_size` is the *global* batch. Every host
       walks the same globally shuffled order and collates only the rows of each global batch
-      that its devices hold (`jaxdpo.distributed.host_rows`). The global batch at every step is
+      that its devices hold (`jaxdpo.parallel.distributed.host_rows`). The global batch at every step is
       then the same for any number of processes, so a 2-host run reproduces a 1-host run, and
       every host's iterator state is identical (one saved copy restores them all).
     * otherwise: `batch_size` is the host-local batch and host `i` reads examples

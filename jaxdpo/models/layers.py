@@ -4,7 +4,7 @@ Letter vocabulary (used in einsum strings and in shape-suffixed names):
   B batch, T query sequence, S key/value sequence, D model width, N query heads,
   K kv heads, G query heads per kv head (N = K * G), H head dim, F MLP width, V vocab.
 
-Every parameter is an `nnx.Param` carrying `logical_axes` metadata; `jaxdpo.sharding` maps
+Every parameter is an `nnx.Param` carrying `logical_axes` metadata; `jaxdpo.parallel.sharding` maps
 those names onto mesh axes through the rules table in the config. We use our own metadata key
 rather than flax's `sharding_names` because the latter triggers flax's eager sharding, which
 requires a mesh at construction time; we want abstract construction under `eval_shape` and

@@ -223,7 +223,7 @@ class Gemma3TextModel(nnx.Module):
     return h_BTD
 
   # ------------------------------------------------------------------------------------------
-  # Generation protocol (driven by `jaxdpo.generate`). The cache is a plain dict:
+  # Generation protocol (driven by `jaxdpo.generation.decode`). The cache is a plain dict:
   #   kv            list over layers of (k, v): [B, S, K, H] for global layers; for local
   #                 layers a ring buffer [B, W', K, H] of the last W' = min(window, S) slots,
   #                 slot a stored at a % W' (transformers keeps the last window-1 slots plus

@@ -141,7 +141,7 @@ class Qwen2Decoder(nnx.Module):
     return h_BTD
 
   # --------------------------------------------------------------------------------------------
-  # Generation protocol (see `jaxdpo.generate`): left-padded prompts, a preallocated KV cache.
+  # Generation protocol (see `jaxdpo.generation.decode`): left-padded prompts, a preallocated KV cache.
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
     """An empty cache for `max_len` slots.

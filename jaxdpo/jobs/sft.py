@@ -5,11 +5,15 @@ from __future__ import annotations
 import jax
 from tqdm.auto import tqdm
 
-from jaxdpo import distributed, model_setup, optim, train
-from jaxdpo import sharding as shd
-from jaxdpo.data import multimodal, pipeline, records, tokenize
-from jaxdpo.dpo import job as dpo_job
-from jaxdpo.sft import step as sft_step
+from jaxdpo.parallel import distributed
+from jaxdpo.jobs import model_setup
+from jaxdpo.train import optim
+from jaxdpo.train import loop as train
+from jaxdpo.parallel import sharding as shd
+from jaxdpo.data import pipeline, records, tokenize
+from jaxdpo.data.vision import adapters as multimodal
+from jaxdpo.jobs import dpo as dpo_job
+from jaxdpo.objectives import sft_step
 
 
 def tokenize_sft(source: str, tok, config, *, desc: str, vision=None) -> list[tokenize.TokenizedSeq]:

@@ -5,7 +5,7 @@ Prompt: the chat template writes `<|vision_start|><|image_pad|><|vision_end|>` p
 `Qwen2_5_VLProcessor.replace_image_token` does (that processor cannot be built without
 torchvision's video processor, so its one-line expansion is mirrored here and held to it by
 `tests/test_vision_data.py`). Pixels come from transformers' `Qwen2VLImageProcessorPil`
-(`jaxdpo.data.images`), configured from the tokenizer directory's preprocessor_config.json.
+(`jaxdpo.data.vision.images`), configured from the tokenizer directory's preprocessor_config.json.
 
 Batch arrays (per record, leading batch axis B):
   pixel_values   float32 [B, P, E]  the record's patches in order, zero rows up to P =
@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxdpo.data import images as images_lib
-from jaxdpo.data.multimodal import Budget, DataError, VisionAdapter
+from jaxdpo.data.vision import images as images_lib
+from jaxdpo.data.vision.adapters import Budget, DataError, VisionAdapter
 from jaxdpo.models.qwen2_5_vl import rope_index
 
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdpo import sharding as shd
+from jaxdpo.parallel import sharding as shd
 
 
 def batch_shardings(mesh):

@@ -25,7 +25,7 @@ Design choices (all knobs live in `DegenerationConfig`):
 
 Inputs are token ids. `detect_text` offers the same test on text split into words or chars.
 Callers pass the generated tokens only: no prompt, no padding, and no trailing EOS
-(`detect_generation` does the stripping for a `jaxdpo.generate.GenerationOutput`).
+(`detect_generation` does the stripping for a `jaxdpo.generation.decode.GenerationOutput`).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def detect_text(text: str, hit_limit: bool, cfg: DegenerationConfig | None = Non
 
 def detect_generation(tokens_BN, num_generated_B, hit_limit_B,
                       cfg: DegenerationConfig = DegenerationConfig()) -> list[Verdict]:
-  """Verdicts for a batch from `jaxdpo.generate.generate`.
+  """Verdicts for a batch from `jaxdpo.generation.decode.generate`.
 
   Each row is cut to its `num_generated` tokens; rows that stopped (not `hit_limit`) end
   with their EOS, which `generate` counts, so that last token is dropped.

@@ -9,8 +9,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxdpo import degeneration, generate
-from jaxdpo.data import multimodal, pipeline, records, step_inputs, tokenize
+from jaxdpo.generation import degeneration
+from jaxdpo.generation import decode as generate
+from jaxdpo.data import pipeline, records, step_inputs, tokenize
+from jaxdpo.data.vision import adapters as multimodal
 
 
 def degeneration_config(config) -> degeneration.DegenerationConfig:

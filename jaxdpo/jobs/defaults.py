@@ -26,7 +26,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.attention_impl = ""       # "" = auto: cudnn on GPU, xla elsewhere
 
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-  c.sharding_rules = ""             # "" = jaxdpo.sharding.DEFAULT_RULES; else "name=axis1+axis2,name2=,..."
+  c.sharding_rules = ""             # "" = jaxdpo.parallel.sharding.DEFAULT_RULES; else "name=axis1+axis2,name2=,..."
 
   c.data = ml_collections.ConfigDict()
   c.data.train = assets.path("tiny_prefs.jsonl")
@@ -71,7 +71,7 @@ def base() -> ml_collections.ConfigDict:
   c.generate.top_p = 1.0
   c.generate.top_k = 0
 
-  c.degeneration = ml_collections.ConfigDict()  # see jaxdpo.degeneration.DegenerationConfig
+  c.degeneration = ml_collections.ConfigDict()  # see jaxdpo.generation.degeneration.DegenerationConfig
   c.degeneration.min_period = 1
   c.degeneration.max_period = 64
   c.degeneration.min_repeats = 3

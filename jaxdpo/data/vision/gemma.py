@@ -3,7 +3,7 @@
 Prompt: the chat template writes `<start_of_image>` (boi) per image; each becomes
 "\\n\\n" + boi + mm_tokens_per_image x `<image_soft_token>` + eoi + "\\n\\n", the expansion of
 transformers' `Gemma3Processor` (held to it by `tests/test_vision_data.py`). Pixels come from
-transformers' `Gemma3ImageProcessorPil` (`jaxdpo.data.images`). Pan-and-scan crops are not
+transformers' `Gemma3ImageProcessorPil` (`jaxdpo.data.vision.images`). Pan-and-scan crops are not
 supported by the jobs (refused).
 
 Batch arrays (per record, leading batch axis B):
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxdpo.data import images as images_lib
-from jaxdpo.data.multimodal import DataError, VisionAdapter
+from jaxdpo.data.vision import images as images_lib
+from jaxdpo.data.vision.adapters import DataError, VisionAdapter
 
 
 class Gemma3Adapter(VisionAdapter):

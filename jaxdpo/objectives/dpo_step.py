@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxdpo import accumulate as accumulate_lib
-from jaxdpo import sharding as shd
-from jaxdpo import update
+from jaxdpo.train import accumulate as accumulate_lib
+from jaxdpo.parallel import sharding as shd
+from jaxdpo.train import update
 from jaxdpo.data import step_inputs
-from jaxdpo.dpo import logprobs, losses
+from jaxdpo.objectives import logprobs
+from jaxdpo.objectives import dpo_losses as losses
 
 PAIR_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",

@@ -250,7 +250,7 @@ def host_rows(mesh, global_batch: int, rules=None) -> list[int]:
   its own devices hold, in increasing order (that is how `make_array_from_process_local_data`
   lays host data onto devices). With one process this is every row.
   """
-  from jaxdpo import sharding as shd
+  from jaxdpo.parallel import sharding as shd
   sh = shd.batch_sharding(mesh, 1, rules or shd.DEFAULT_RULES)
   rows: set[int] = set()
   for index in sh.addressable_devices_indices_map((global_batch,)).values():

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxdpo import checkpoint as ckpt_lib
-from jaxdpo import metrics_writer
-from jaxdpo import sharding as shd
+from jaxdpo.train import checkpoint as ckpt_lib
+from jaxdpo.train import metrics as metrics_writer
+from jaxdpo.parallel import sharding as shd
 
 log = logging.getLogger("jaxdpo")
 
@@ -81,7 +81,7 @@ def init_opt_state(tx, params, mesh):
   The shardings must be given: `zeros_like` outputs do not inherit their input's sharding, and
   without `out_shardings` XLA replicates the whole optimizer state on every device.
   """
-  from jaxdpo import memory
+  from jaxdpo.parallel import memory
   abstract = jax.eval_shape(tx.init, params)
   shardings = memory.opt_state_shardings(abstract, params, jax.tree.map(lambda x: x.sharding, params), mesh)
   with jax.set_mesh(mesh):

@@ -23,8 +23,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxdpo import model_setup
-from jaxdpo import sharding as shd
+from jaxdpo.jobs import model_setup
+from jaxdpo.parallel import sharding as shd
 
 log = logging.getLogger("jaxdpo")
 
@@ -161,7 +161,8 @@ def _abstract_params(family_name: str, model_cfg, param_dtype):
 
 def plan_dpo(config, mesh, rules=shd.DEFAULT_RULES) -> MemoryPlan:
   """The per-device plan of `config`'s DPO step on `mesh`, from shapes only (nothing allocated)."""
-  from jaxdpo import model_setup, optim
+  from jaxdpo.jobs import model_setup
+  from jaxdpo.train import optim
   family, model_cfg = model_setup.resolve_model(config.model)
   param_dtype = model_setup.dtype_of(config.model.param_dtype)
   compute = model_setup.dtype_of(config.model.compute_dtype)

@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdpo import accumulate, update
+from jaxdpo.train import accumulate
+from jaxdpo.train import update
 from jaxdpo.data import step_inputs
-from jaxdpo.dpo import logprobs
+from jaxdpo.objectives import logprobs
 
 SEQ_KEYS = ("input_ids", "segment_ids", "positions")
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdpo import sharding as shd
+from jaxdpo.parallel import sharding as shd
 from jaxdpo.models import io, registry
 
 

@@ -9,10 +9,16 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxdpo import distributed, memory, model_setup, optim, train
-from jaxdpo import sharding as shd
-from jaxdpo.data import multimodal, pipeline, records, tokenize
-from jaxdpo.dpo import losses, step as step_lib
+from jaxdpo.parallel import distributed
+from jaxdpo.parallel import memory
+from jaxdpo.jobs import model_setup
+from jaxdpo.train import optim
+from jaxdpo.train import loop as train
+from jaxdpo.parallel import sharding as shd
+from jaxdpo.data import pipeline, records, tokenize
+from jaxdpo.data.vision import adapters as multimodal
+from jaxdpo.objectives import dpo_losses as losses
+from jaxdpo.objectives import dpo_step as step_lib
 
 log = logging.getLogger("jaxdpo")
 
@@ -72,7 +78,8 @@ def degeneration_eval_fn(config, tok, bundle, vision=None):
   if not config.data.degeneration_eval or config.train.degeneration_eval_every <= 0:
     return None
   from flax import nnx
-  from jaxdpo import degeneration, sampling_run
+  from jaxdpo.generation import degeneration
+  from jaxdpo.generation import sampling as sampling_run
   items = sampling_run.load_prompts(config.data.degeneration_eval, tok, config, vision)
   g = config.generate
 

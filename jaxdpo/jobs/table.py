@@ -1,6 +1,7 @@
 """The jobs beyond DPO, by `config.job` name."""
 
-from jaxdpo import eval_job, mine
-from jaxdpo.sft import job as sft_job
+from jaxdpo.jobs import evaluate as eval_job
+from jaxdpo.jobs import mine
+from jaxdpo.jobs import sft as sft_job
 
 JOBS = {"sft": sft_job.run, "eval": eval_job.run, "mine": mine.run}

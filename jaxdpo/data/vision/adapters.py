@@ -28,8 +28,8 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-from jaxdpo import model_setup
-from jaxdpo.data import images as images_lib
+from jaxdpo.jobs import model_setup
+from jaxdpo.data.vision import images as images_lib
 from jaxdpo.data.records import DataError, Record, resolve_image_paths
 
 IMAGE_FIELD = "images"
@@ -221,10 +221,10 @@ def adapter_for(config, tok) -> VisionAdapter | None:
 
 def make_adapter(family_name: str, model_cfg, tok, tokenizer_dir: str, data_cfg) -> VisionAdapter | None:
   if family_name == "qwen2_5_vl":
-    from jaxdpo.data.mm_qwen import QwenVLAdapter
+    from jaxdpo.data.vision.qwen import QwenVLAdapter
     return QwenVLAdapter(model_cfg, tok, tokenizer_dir, data_cfg)
   if family_name == "gemma3":
-    from jaxdpo.data.mm_gemma import Gemma3Adapter
+    from jaxdpo.data.vision.gemma import Gemma3Adapter
     return Gemma3Adapter(model_cfg, tok, tokenizer_dir, data_cfg)
   return None
 

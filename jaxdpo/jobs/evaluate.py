@@ -15,9 +15,13 @@ import os
 import jax
 from flax import nnx
 
-from jaxdpo import eval_stats, jsonio, model_setup, sampling_run
-from jaxdpo import sharding as shd
-from jaxdpo.data import multimodal, tokenize
+from jaxdpo.generation import eval_stats
+from jaxdpo.jobs import jsonio
+from jaxdpo.jobs import model_setup
+from jaxdpo.generation import sampling as sampling_run
+from jaxdpo.parallel import sharding as shd
+from jaxdpo.data import tokenize
+from jaxdpo.data.vision import adapters as multimodal
 
 
 def load_generation_model(config):

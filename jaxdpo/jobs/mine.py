@@ -16,8 +16,12 @@ import os
 
 import jax
 
-from jaxdpo import eval_job, eval_stats, jsonio, sampling_run
-from jaxdpo.data import multimodal, tokenize
+from jaxdpo.jobs import evaluate as eval_job
+from jaxdpo.generation import eval_stats
+from jaxdpo.jobs import jsonio
+from jaxdpo.generation import sampling as sampling_run
+from jaxdpo.data import tokenize
+from jaxdpo.data.vision import adapters as multimodal
 
 CHOSEN = ("reference", "best_sample")
 REJECTED = ("degenerate", "worst_cer")

@@ -1,0 +1,213 @@
+"""Throughput benchmark of the DPO train step on fixed synthetic workloads.
+
+  python -m jaxdpo.bench --workload uniform-1k [--steps 12] [--reference model|cached]
+                         [--peer-json peer.jsonl | --run-peer ../shared/bench/trl_dpo_peer.py]
+
+Workloads follow `shared/bench/README.md` (batch of 8 pairs, sigmoid loss, beta 0.1, bf16
+compute, random weights):
+  uniform-1k        Qwen2.5-3B text tower, prompt 512, chosen 512, rejected 512
+  ocr-2k            same model, prompt U(256, 1280), chosen U(64, 1024), rejected: half a
+                    1024-token loop of an 8-token phrase, half U(64, 1024)
+  uniform-1k-gemma  Gemma-3-4B text tower, 512 / 512 / 512
+  tiny, ocr-tiny    a 64-wide Qwen2 (the peer's `--size tiny`) for CPU smoke runs
+
+Prints one JSON line: seconds per step (mean of the timed steps after warm-up), pairs/s,
+useful tokens/s (non-padding prompt+chosen and prompt+rejected tokens), MFU against
+`--peak-tflops` (989, H200 dense bf16) with the peer's FLOP formula, peak device memory, and,
+when a peer figure for the same workload is given, the ratio ours / peer measured on the same
+machine. Speed is only ever measured here, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from jaxdpo.train import optim
+from jaxdpo.train import loop as train
+from jaxdpo.parallel import sharding as shd
+from jaxdpo.objectives import dpo_losses as losses
+from jaxdpo.objectives import dpo_step as step_lib
+from jaxdpo.models import io, registry
+from jaxdpo.models.qwen2_5_vl.config import Qwen2TextConfig, qwen2_5_3b_text
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  family: str
+  model: object
+  prompt: tuple[int, int]       # (min, max) prompt tokens
+  chosen: tuple[int, int]
+  rejected: tuple[int, int]
+  loop_share: float = 0.0       # share of rejected completions that are a max-length loop
+  peer_args: tuple[str, ...] = ()
+
+
+def _tiny_qwen():
+  return Qwen2TextConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         intermediate_size=128, head_dim=16, tie_word_embeddings=True)
+
+
+def _gemma_text_4b():
+  fam = registry.get_family("gemma3_text")
+  for name in ("gemma3_4b_text", "gemma3_4b"):
+    if name in fam.presets:
+      return fam.presets[name]()
+  raise KeyError(f"no 4B preset in gemma3_text presets {sorted(fam.presets)}")
+
+
+WORKLOADS = {
+    "uniform-1k": lambda: Workload("qwen2", qwen2_5_3b_text(), (512, 512), (512, 512), (512, 512),
+                                   peer_args=("--size", "3b", "--prompt", "512", "--completion", "512")),
+    "ocr-2k": lambda: Workload("qwen2", qwen2_5_3b_text(), (256, 1280), (64, 1024), (64, 1024), 0.5,
+                               peer_args=("--size", "3b", "--workload", "ocr", "--prompt", "1280",
+                                          "--completion", "1024")),
+    "uniform-1k-gemma": lambda: Workload("gemma3_text", _gemma_text_4b(), (512, 512), (512, 512), (512, 512),
+                                         peer_args=("--size", "gemma4b", "--prompt", "512", "--completion", "512")),
+    "tiny": lambda: Workload("qwen2", _tiny_qwen(), (64, 64), (64, 64), (64, 64),
+                             peer_args=("--size", "tiny", "--prompt", "64", "--completion", "64")),
+    "ocr-tiny": lambda: Workload("qwen2", _tiny_qwen(), (32, 96), (16, 64), (16, 64), 0.5,
+                                 peer_args=("--size", "tiny", "--workload", "ocr", "--prompt", "96",
+                                            "--completion", "64")),
+}
+
+
+def synthetic_batches(w: Workload, batch: int, n: int, vocab: int, seed: int = 0):
+  """n batches in the step's [B, 2, T] layout, T = max prompt + max completion; useful-token counts."""
+  rng = np.random.default_rng(seed)
+  t = w.prompt[1] + max(w.chosen[1], w.rejected[1])
+  out = []
+  for _ in range(n):
+    b = {k: np.zeros((batch, 2, t), np.int32) for k in step_lib.PAIR_KEYS}
+    useful = 0
+    for i in range(batch):
+      p = int(rng.integers(w.prompt[0], w.prompt[1] + 1))
+      c = int(rng.integers(w.chosen[0], w.chosen[1] + 1))
+      loop = rng.random() < w.loop_share
+      r = w.rejected[1] if loop else int(rng.integers(w.rejected[0], w.rejected[1] + 1))
+      prompt = rng.integers(0, vocab, p)
+      phrase = rng.integers(0, vocab, 8)
+      comps = (rng.integers(0, vocab, c), np.resize(phrase, r) if loop else rng.integers(0, vocab, r))
+      for j, comp in enumerate(comps):
+        seq = np.concatenate([prompt, comp])
+        b["input_ids"][i, j, :len(seq)] = seq
+        b["segment_ids"][i, j, :len(seq)] = 1
+        b["positions"][i, j, :len(seq)] = np.arange(len(seq))
+        b["loss_mask"][i, j, p:len(seq)] = 1
+        useful += len(seq)
+    out.append((b, useful))
+  return out
+
+
+def model_flops_per_token(n_params: int, n_embed: int, cfg, seq: int) -> float:
+  """The peer's formula: 2·non-embedding params + 2·V·D (LM head) + 2·L·T·D (causal attention)."""
+  d, layers = cfg.hidden_size, cfg.num_layers
+  return 2 * (n_params - n_embed) + 2 * cfg.vocab_size * d + 2 * layers * seq * d
+
+
+def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, param_dtype: str,
+        compute_dtype: str, chunk: int, peak_tflops: float) -> dict:
+  w = WORKLOADS[workload]()
+  fam = registry.get_family(w.family)
+  cfg = w.model
+  mesh = shd.make_mesh({"data": -1} if batch % len(jax.devices()) == 0 else {"data": 1})
+  pdt, cdt = jnp.dtype(param_dtype), jnp.dtype(compute_dtype)
+  impl = "cudnn" if jax.default_backend() == "gpu" and cdt.itemsize == 2 else "xla"
+  graphdef, abstract = io.build_abstract(fam, cfg, pdt, impl)
+  p_sh = shd.param_shardings(abstract, shd.DEFAULT_RULES, mesh)
+  from flax import nnx
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(fam.build(cfg, nnx.Rngs(0), pdt, impl), nnx.Param)[1]),
+                   out_shardings=p_sh)()
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  n_embed = cfg.vocab_size * cfg.hidden_size
+  ocfg = ConfigDict(dict(lr=1e-6, schedule="constant", warmup_steps=0, end_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
+                         weight_decay=0.0, max_grad_norm=1.0))
+  tx, schedule = optim.make_optimizer(ocfg, steps + warmup)
+  scfg = step_lib.StepConfig(loss=losses.DPOLossConfig(beta=0.1), compute_dtype=cdt, logprob_chunk=chunk)
+  state = {"step": train.scalar_state(0, mesh), "params": params, "opt_state": train.init_opt_state(tx, params, mesh)}
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  batches = synthetic_batches(w, batch, steps + warmup, cfg.vocab_size)
+  ref = None
+  if reference == "model":
+    ref = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cdt), p), out_shardings=p_sh)(params)
+  else:  # cached: reference log-probs computed beforehand, outside the timed loop
+    fn = jax.jit(lambda p, b: step_lib.pair_logps(graphdef, p, b, scfg)[0])
+    batches = [({**b, "ref_logps": np.asarray(fn(params, shd.put_batch(b, mesh)))}, u) for b, u in batches]
+  step_fn = step_lib.make_train_step(graphdef, tx, scfg, mesh, state_sh, None if ref is None else p_sh, schedule)
+  times = []
+  for i, (b, _) in enumerate(batches):
+    b = shd.put_batch(b, mesh)
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, ref, b)
+    jax.block_until_ready(metrics)
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  sec = float(np.mean(times))
+  useful = float(np.mean([u for _, u in batches[warmup:]]))
+  seq = w.prompt[1] + max(w.chosen[1], w.rejected[1])
+  flops = useful * model_flops_per_token(n_params, n_embed, cfg, seq) * (3 + (1 if reference == "model" else 0))
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"impl": "jaxdpo", "workload": workload, "backend": jax.default_backend(),
+          "device": jax.devices()[0].device_kind, "batch": batch, "reference": reference,
+          "param_dtype": param_dtype, "compute_dtype": compute_dtype, "params": n_params, "step_s_mean": sec,
+          "steps_timed": len(times), "pairs_per_s": batch / sec, "tokens_per_s": useful / sec,
+          "mfu_vs_peak": flops / sec / (peak_tflops * 1e12),
+          "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None, "loss": float(metrics["loss"])}
+
+
+def _peer(args, workload: str) -> dict | None:
+  if args.peer_json:
+    with open(args.peer_json) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    # The peer file is produced on the same machine; pick the row for this workload.
+    for row in rows:
+      if row.get("jaxdpo_workload", workload) == workload:
+        return row
+    return None
+  if args.run_peer:
+    w = WORKLOADS[workload]()
+    cmd = [sys.executable, args.run_peer, *w.peer_args, "--batch", str(args.batch), "--steps",
+           str(args.steps + 2), "--grad-ckpt", "0", "--precompute-ref", "1" if args.reference == "cached" else "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    return json.loads(out)
+  return None
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m jaxdpo.bench", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--workload", choices=sorted(WORKLOADS), default="tiny")
+  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--reference", choices=("model", "cached"), default="model")
+  ap.add_argument("--param-dtype", default="float32")
+  ap.add_argument("--compute-dtype", default="bfloat16")
+  ap.add_argument("--logprob-chunk", type=int, default=256)
+  ap.add_argument("--peak-tflops", type=float, default=989.0)
+  ap.add_argument("--peer-json", help="JSON lines printed by the peer script on this machine")
+  ap.add_argument("--run-peer", help="path of shared/bench/trl_dpo_peer.py, to run it here first")
+  args = ap.parse_args(argv)
+  result = run(args.workload, steps=args.steps, warmup=args.warmup, batch=args.batch, reference=args.reference,
+               param_dtype=args.param_dtype, compute_dtype=args.compute_dtype, chunk=args.logprob_chunk,
+               peak_tflops=args.peak_tflops)
+  peer = _peer(args, args.workload)
+  if peer:
+    result["peer"] = peer.get("peer")
+    result["peer_pairs_per_s"] = peer.get("pairs_per_s")
+    result["speedup_vs_peer"] = result["pairs_per_s"] / peer["pairs_per_s"] if peer.get("pairs_per_s") else None
+  print(json.dumps(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
