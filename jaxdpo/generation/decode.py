@@ -19,12 +19,16 @@ Semantics match transformers' `generate` with left padding:
     running through the model (the batch moves together) but their outputs are discarded.
   * The loop is a `lax.while_loop` that exits as soon as every row has finished, so a batch
     that stops early does not pay for `max_new_tokens` steps.
+  * `vocab_limit`: ids >= it are never chosen (their logits are masked before greedy or sampled
+    selection). A model's embedding table is often larger than its tokenizer (padded to a round
+    size); the unused rows have no text, and a sample that picks one is garbage that no check
+    downstream can read.
 
 Compilation: the whole generation (cache allocation, prefill and loop) is one jitted
 function, `_generate_jit`. The model enters it as (graphdef, state) with the graphdef static,
 so new weights of the same shapes reuse the compiled program. It compiles once per
 (graphdef, input shapes, max_new_tokens, decoding mode, top_k, cache dtype); temperature,
-top_p, eos and pad ids are traced values and never trigger a recompile. `compile_count()`
+top_p, eos and pad ids and vocab_limit are traced values and never trigger a recompile. `compile_count()`
 reports how many programs are cached.
 """
 
@@ -60,7 +64,7 @@ class GenerationOutput(NamedTuple):
 
 def generate(model: nnx.Module, inputs: dict, *, max_new_tokens: int, eos_token_id: int | Sequence[int],
              pad_token_id: int, rng: jax.Array | None = None, temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0, cache_dtype=None) -> GenerationOutput:
+             top_k: int = 0, cache_dtype=None, vocab_limit: int | None = None) -> GenerationOutput:
   """Generates up to `max_new_tokens` tokens for each row of a left-padded batch.
 
   Args:
@@ -76,6 +80,8 @@ def generate(model: nnx.Module, inputs: dict, *, max_new_tokens: int, eos_token_
     top_k: keep the k most likely tokens; 0 disables it. Sampling only.
     cache_dtype: dtype of the KV cache; default the dtype of the model's first floating
       parameter.
+    vocab_limit: only ids below it can be emitted (pass `len(tokenizer)`); None = every row of
+      the model's vocabulary.
 
   Returns:
     A `GenerationOutput`.
@@ -88,6 +94,8 @@ def generate(model: nnx.Module, inputs: dict, *, max_new_tokens: int, eos_token_
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   if top_k < 0:
     raise ValueError(f"top_k must be >= 0, got {top_k}")
+  if vocab_limit is not None and vocab_limit < 1:
+    raise ValueError(f"vocab_limit must be >= 1, got {vocab_limit}")
   for key in ("input_ids", "segment_ids"):
     if key not in inputs:
       raise ValueError(f"inputs lack {key!r}; got keys {sorted(inputs)}")
@@ -105,7 +113,9 @@ def generate(model: nnx.Module, inputs: dict, *, max_new_tokens: int, eos_token_
     cache_dtype = _first_float_dtype(state)
   inputs = {k: (jnp.asarray(v, jnp.int32) if k in ("input_ids", "segment_ids") else v) for k, v in inputs.items()}
   return _generate_jit(graphdef, state, inputs, rng, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
-                       jnp.asarray(eos_ids), jnp.int32(pad_token_id), max_new_tokens=max_new_tokens,
+                       jnp.asarray(eos_ids), jnp.int32(pad_token_id),
+                       jnp.int32(np.iinfo(np.int32).max if vocab_limit is None else vocab_limit),
+                       max_new_tokens=max_new_tokens,
                        greedy=greedy, top_k=int(top_k), use_top_p=top_p < 1.0,
                        cache_dtype=jnp.dtype(cache_dtype))
 
@@ -124,14 +134,17 @@ def _first_float_dtype(state) -> jnp.dtype:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "use_top_p",
                                              "cache_dtype"))
-def _generate_jit(graphdef, state, inputs, rng, temperature, top_p, eos_ids_E, pad_id, *, max_new_tokens,
-                  greedy, top_k, use_top_p, cache_dtype):
+def _generate_jit(graphdef, state, inputs, rng, temperature, top_p, eos_ids_E, pad_id, vocab_limit, *,
+                  max_new_tokens, greedy, top_k, use_top_p, cache_dtype):
   model = nnx.merge(graphdef, state)
   b, t = inputs["input_ids"].shape
   cache = model.init_cache(b, t + max_new_tokens, cache_dtype)
   logits_BV, cache = model.prefill(inputs, cache)
 
   def choose(logits_BV, key):
+    # Rows past the tokenizer get -inf before any filtering, so top-k/top-p see only real tokens.
+    allowed_V = jnp.arange(logits_BV.shape[-1]) < vocab_limit
+    logits_BV = jnp.where(allowed_V[None, :], logits_BV.astype(jnp.float32), -jnp.inf)
     return _select_tokens(logits_BV, key, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
 
   # The first token comes from the prefill logits; the loop then alternates decode -> choose,

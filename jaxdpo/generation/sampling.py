@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 import jax
@@ -13,6 +14,8 @@ from jaxdpo.generation import degeneration
 from jaxdpo.generation import decode as generate
 from jaxdpo.data import pipeline, records, step_inputs, tokenize
 from jaxdpo.data.vision import adapters as multimodal
+
+log = logging.getLogger("jaxdpo")
 
 
 def degeneration_config(config) -> degeneration.DegenerationConfig:
@@ -38,6 +41,28 @@ def load_prompts(source: str, tok, config, vision=None) -> list[tuple[records.Re
   if not out:
     raise records.DataError(f"{source}: no records")
   return out
+
+
+def model_vocab_size(model_cfg) -> int | None:
+  """Rows of the model's embedding table (text decoder of a vision-language model), if known."""
+  text = getattr(model_cfg, "text", None)
+  return getattr(model_cfg, "vocab_size", None) or getattr(text, "vocab_size", None)
+
+
+def warn_vocab_mismatch(tok, model_cfg, tokenizer_dir: str) -> str | None:
+  """Logs (and returns) a warning when the tokenizer and the model's vocabulary differ in size.
+
+  Generation masks the rows past the tokenizer (`vocab_limit`), so nothing unreadable is sampled;
+  the warning says so, because a mismatch usually means the wrong tokenizer or preset.
+  """
+  vocab = model_vocab_size(model_cfg)
+  if vocab is None or vocab == len(tok):
+    return None
+  msg = (f"tokenizer {tokenizer_dir!r} has {len(tok)} tokens but the model's vocabulary has {vocab} rows; "
+         + (f"generation never emits ids >= {len(tok)} (masked)" if vocab > len(tok) else
+            "the tokenizer has ids the model cannot embed (wrong tokenizer or preset?)"))
+  log.warning(msg)
+  return msg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +103,7 @@ def run_generation(model, tok, items, *, params: SamplingParams, batch_size: int
     t0 = time.perf_counter()
     res = generate.generate(model, inputs, max_new_tokens=params.max_new_tokens, eos_token_id=eos, pad_token_id=pad_id,
                             rng=jax.random.fold_in(key, batch_id), temperature=params.temperature,
-                            top_p=params.top_p, top_k=params.top_k)
+                            top_p=params.top_p, top_k=params.top_k, vocab_limit=len(tok))
     res = jax.device_get(res)
     seconds = time.perf_counter() - t0
     verdicts = degeneration.detect_generation(res.tokens, res.num_generated, res.hit_limit, degen_cfg)

@@ -47,7 +47,8 @@ def run(config, workdir: str) -> dict:
   tok = tokenize.load_tokenizer(config.data.tokenizer)
   vision = multimodal.adapter_for(config, tok)
   items = sampling_run.load_prompts(config.data.prompts, tok, config, vision)
-  _, model = load_generation_model(config)
+  bundle, model = load_generation_model(config)
+  vocab_warning = sampling_run.warn_vocab_mismatch(tok, bundle.config, config.data.tokenizer)
   g = config.generate
   rows = sampling_run.run_generation(
       model, tok, items, params=sampling_run.SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k),
@@ -55,6 +56,8 @@ def run(config, workdir: str) -> dict:
       degen_cfg=sampling_run.degeneration_config(config), desc="eval", progress=config.train.progress,
       vision=vision)
   summary = summary_for(rows, config)
+  if vocab_warning:
+    summary["vocab_warning"] = vocab_warning
   if jax.process_index() == 0:
     jsonio.write_jsonl(os.path.join(workdir, "generations.jsonl"), rows)
     jsonio.write_json(os.path.join(workdir, "eval_summary.json"), summary)

@@ -69,7 +69,8 @@ def run(config, workdir: str) -> dict:
   tok = tokenize.load_tokenizer(config.data.tokenizer)
   vision = multimodal.adapter_for(config, tok)
   items = sampling_run.load_prompts(config.data.prompts, tok, config, vision)
-  _, model = eval_job.load_generation_model(config)
+  bundle, model = eval_job.load_generation_model(config)
+  vocab_warning = sampling_run.warn_vocab_mismatch(tok, bundle.config, config.data.tokenizer)
   rows = sampling_run.run_generation(
       model, tok, items,
       params=sampling_run.SamplingParams(config.generate.max_new_tokens, m.temperature, m.top_p, m.top_k),
