@@ -98,6 +98,8 @@ def run(config, workdir: str) -> dict:
       "records_with_degenerate_sample": sum(any(s["is_degenerate"] for s in v) for v in by_record.values()),
       "pairs": len(pairs), "records_without_pair": reasons, "chosen": m.chosen, "rejected": m.rejected,
   }
+  if vocab_warning:
+    summary["vocab_warning"] = vocab_warning
   if jax.process_index() == 0:
     jsonio.write_jsonl(os.path.join(workdir, "samples.jsonl"), rows)
     jsonio.write_jsonl(os.path.join(workdir, "pairs.jsonl"), pairs)
