@@ -25,6 +25,7 @@ import re
 
 import numpy as np
 
+from jaxdpo.models import hf_fields
 from jaxdpo.models.convert_table import ConversionError, Rule, identity, linear_in, linear_out, reshape
 from jaxdpo.models.gemma3.config import (FULL, SLIDING, Gemma3Config, Gemma3TextConfig, SiglipVisionConfig,
                                          layer_types_from_pattern)
@@ -101,6 +102,7 @@ def text_config_from_hf(t: dict, *, causal_lm: bool, tie_word_embeddings: bool |
       `final_logit_softcapping`; `Gemma3ForConditionalGeneration` never does.
     tie_word_embeddings, eos_token_id: overrides from the multimodal top-level config.
   """
+  hf_fields.audit(t, hf_fields.GEMMA3_TEXT, "config.json" if causal_lm else "config.json text_config")
   if t.get("use_bidirectional_attention"):
     raise ConversionError("use_bidirectional_attention=True (embedding models) is not supported")
   n_layers = _get(t, "num_hidden_layers", _TEXT_DEFAULTS)
@@ -142,6 +144,7 @@ def text_config_from_hf(t: dict, *, causal_lm: bool, tie_word_embeddings: bool |
 
 def vision_config_from_hf(v: dict) -> SiglipVisionConfig:
   """Builds the SigLIP config from a `SiglipVisionConfig`-style dict."""
+  hf_fields.audit(v, hf_fields.SIGLIP_VISION, "config.json vision_config")
   if _get(v, "vision_use_head", _VISION_DEFAULTS):
     raise ConversionError("vision_config.vision_use_head is true (the default of SiglipVisionConfig); Gemma 3 "
                           "never uses SigLIP's pooling head and its checkpoints set it false")
@@ -172,6 +175,7 @@ def _as_conversion_error(fn):
 @_as_conversion_error
 def config_from_hf(hf: dict) -> Gemma3Config:
   """`Gemma3ForConditionalGeneration` config.json -> `Gemma3Config`."""
+  hf_fields.audit(hf, hf_fields.GEMMA3_TOP, "config.json")
   text = text_config_from_hf(hf.get("text_config") or {}, causal_lm=False,
                              tie_word_embeddings=hf.get("tie_word_embeddings", True),
                              eos_token_id=hf.get("eos_token_id"))

@@ -7,12 +7,18 @@ import re
 
 import numpy as np
 
+from jaxdpo.models import hf_fields
 from jaxdpo.models.convert_table import Rule, identity, linear_in, linear_out, reshape
 from jaxdpo.models.qwen2_5_vl.config import Qwen2_5_VLConfig, Qwen2TextConfig, VisionConfig
 
 
-def text_config_from_hf(hf: dict) -> Qwen2TextConfig:
-  """Builds the decoder config from a `Qwen2Config`-style dict (or a VL model's text_config)."""
+def text_config_from_hf(hf: dict, where: str = "config.json") -> Qwen2TextConfig:
+  """Builds the decoder config from a `Qwen2Config`-style dict (or a VL model's text_config).
+
+  Raises:
+    ConversionError: a field changes the math in a way we do not implement (see `hf_fields`).
+  """
+  hf_fields.audit(hf, hf_fields.QWEN2_TEXT, where)
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
   theta = hf.get("rope_theta", rope.get("rope_theta", 1_000_000.0))
   mrope = rope.get("mrope_section")
@@ -100,15 +106,18 @@ _VISION_DEFAULTS = dict(depth=32, hidden_size=3584, intermediate_size=3420, num_
 def vl_config_from_hf(hf: dict) -> Qwen2_5_VLConfig:
   """Builds the VL config from config.json: nested `text_config` (transformers >= 4.5x) or the flat
   legacy form with the text fields at the top level; `vision_config` is always nested."""
+  hf_fields.audit({k: v for k, v in hf.items() if k in hf_fields.QWEN2_5_VL_TOP.known()},
+                  hf_fields.QWEN2_5_VL_TOP, "config.json")
   nested = hf.get("text_config") or {}
-  flat = {k: v for k, v in hf.items() if k not in ("text_config", "vision_config")}
+  flat = {k: v for k, v in hf.items() if k not in hf_fields.QWEN2_5_VL_TOP.known()}  # legacy flat text fields
   text_src = {**flat, **nested}
   tie = bool(hf.get("tie_word_embeddings", False)) or bool(nested.get("tie_word_embeddings", False))
   rope = dict(text_src.get("rope_parameters") or text_src.get("rope_scaling") or {})
   rope.setdefault("mrope_section", [16, 24, 24])  # transformers' default when a config omits it
   text_src["rope_parameters"] = {**rope, "rope_theta": text_src.get("rope_theta", rope.get("rope_theta", 1e6))}
-  text = dataclasses.replace(text_config_from_hf(text_src), tie_word_embeddings=tie)
+  text = dataclasses.replace(text_config_from_hf(text_src, "config.json text fields"), tie_word_embeddings=tie)
   vc = hf.get("vision_config") or {}
+  hf_fields.audit(vc, hf_fields.QWEN2_5_VL_VISION, "config.json vision_config")
   vrope = vc.get("rope_parameters") or {}
   pick = lambda name, *aliases: next((vc[k] for k in (name, *aliases) if k in vc), _VISION_DEFAULTS[name])
   vision = VisionConfig(
