@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxdpo.models import convert_table, io
+from jaxdpo.errors import UserError
+from jaxdpo.models import io
 
 
 def main(argv=None) -> int:
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     else:
       out = io.jax_to_hf_dir(args.ckpt, args.out, overwrite=args.overwrite,
                              max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
-  except (convert_table.ConversionError, FileNotFoundError, FileExistsError) as e:
+  except UserError as e:  # bad input; anything else keeps its traceback
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"wrote {out}")

@@ -14,6 +14,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxdpo.errors import ConfigError, UserError
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
@@ -53,7 +56,7 @@ def run(config, workdir: str):
   """Dispatches `config.job`; returns what the job returns."""
   table = _job_table()
   if config.job not in table:
-    raise ValueError(f"unknown config.job={config.job!r}; known jobs: {sorted(table)}")
+    raise ConfigError(f"unknown config.job={config.job!r}; known jobs: {sorted(table)}")
   os.makedirs(workdir, exist_ok=True)
   import jax  # noqa: F401  (after config validation)
   if jax.process_index() == 0:
@@ -68,22 +71,27 @@ def main(argv):
   for noisy in ("absl", "jax", "jax._src.xla_bridge", "orbax", "datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from jaxdpo.parallel import distributed
-  try:
-    # Before any jax computation: the backends must see the multi-host runtime when they start.
-    plan = distributed.maybe_initialize(
-        mode=_DISTRIBUTED.value, coordinator=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value, local_device_ids=_LOCAL_DEVICE_IDS.value, timeout_s=_DISTRIBUTED_TIMEOUT.value)
-  except distributed.DistributedInitError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  # Before any jax computation: the backends must see the multi-host runtime when they start.
+  plan = exit_on_user_error(lambda: distributed.maybe_initialize(
+      mode=_DISTRIBUTED.value, coordinator=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value, local_device_ids=_LOCAL_DEVICE_IDS.value, timeout_s=_DISTRIBUTED_TIMEOUT.value))
   if plan is not None:
     import jax
     if jax.process_index() != 0:
       logging.getLogger().setLevel(logging.WARNING)  # progress is logged once, by process 0
+  exit_on_user_error(lambda: run(_CONFIG.value, _WORKDIR.value))
+
+
+def exit_on_user_error(fn):
+  """Returns `fn()`; a `UserError` becomes one line on stderr, `error: ...`, and exit status 2.
+
+  Bad input is reported as one clear line naming the file, record or key. Every other
+  exception propagates with its traceback: it is a bug, and hiding where it came from would
+  make it look like the user's mistake.
+  """
   try:
-    run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    # Bad input of any kind: one clear line naming the file/record/key, no traceback noise.
+    return fn()
+  except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -13,6 +13,7 @@ import grain
 import numpy as np
 
 from jaxdpo.data.tokenize import TokenizedPair
+from jaxdpo.errors import DataError
 
 
 def _row(prompt: list[int], completion: list[int], t: int, pad_id: int):
@@ -78,11 +79,11 @@ def make_iterator(examples: Sequence, *, batch_size: int, collate: Callable, see
   if host_rows is None:
     ds = ds[process_index::process_count]
     if len(ds) < batch_size:
-      raise ValueError(f"only {len(ds)} examples on host {process_index}, fewer than the local batch {batch_size}")
+      raise DataError(f"only {len(ds)} examples on host {process_index}, fewer than the local batch {batch_size}")
   else:
     rows = [int(r) for r in host_rows]
     if len(ds) < batch_size:
-      raise ValueError(f"only {len(ds)} examples, fewer than the global batch {batch_size}")
+      raise DataError(f"only {len(ds)} examples, fewer than the global batch {batch_size}")
     if not rows or min(rows) < 0 or max(rows) >= batch_size:
       raise ValueError(f"host_rows {rows[:8]}... do not select rows of a batch of {batch_size}")
     if rows != list(range(batch_size)):

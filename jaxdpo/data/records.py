@@ -13,11 +13,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from jaxdpo.errors import DataError  # noqa: F401  (raised here; kept importable from here)
+
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
-
-
-class DataError(ValueError):
-  """A record, file or tokenizer that cannot be used; the message says where and why."""
 
 
 @dataclasses.dataclass(frozen=True)

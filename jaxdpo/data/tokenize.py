@@ -29,6 +29,12 @@ def load_tokenizer(path: str):
   return tok
 
 
+def pad_token_id(tok) -> int:
+  """The id batches are padded with: the tokenizer's pad token, else its EOS (many chat models
+  ship without a pad token; padded positions are masked, so the choice never reaches a loss)."""
+  return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
   n = 0
   for x, y in zip(a, b):

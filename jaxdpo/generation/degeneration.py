@@ -35,6 +35,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from jaxdpo.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class DegenerationConfig:
@@ -59,13 +61,13 @@ class DegenerationConfig:
 
   def __post_init__(self):
     if not 1 <= self.min_period <= self.max_period:
-      raise ValueError(f"need 1 <= min_period <= max_period, got {self.min_period}, {self.max_period}")
+      raise ConfigError(f"degeneration: need 1 <= min_period <= max_period, got {self.min_period}, {self.max_period}")
     if self.min_repeats < 2:
-      raise ValueError(f"min_repeats must be >= 2, got {self.min_repeats}")
+      raise ConfigError(f"degeneration.min_repeats must be >= 2, got {self.min_repeats}")
     if self.tail_window < 1:
-      raise ValueError(f"tail_window must be >= 1, got {self.tail_window}")
+      raise ConfigError(f"degeneration.tail_window must be >= 1, got {self.tail_window}")
     if not 0.0 < self.min_tail_coverage <= 1.0:
-      raise ValueError(f"min_tail_coverage must be in (0, 1], got {self.min_tail_coverage}")
+      raise ConfigError(f"degeneration.min_tail_coverage must be in (0, 1], got {self.min_tail_coverage}")
 
 
 # Scaled for character units: a repeated line of ~40 words is a few hundred characters.

@@ -86,7 +86,7 @@ def run_generation(model, tok, items, *, params: SamplingParams, batch_size: int
   if vision is not None and vision.budget is None:
     vision = vision.with_budget([seq for _, seq in items])
   degen_cfg = degen_cfg or degeneration.DegenerationConfig()
-  pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  pad_id = tokenize.pad_token_id(tok)
   eos = tok.eos_token_id
   jobs = [(i, s) for i in range(len(items)) for s in range(num_samples)]
   out = []

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from jaxdpo.parallel import distributed
 from jaxdpo.parallel import memory
-from jaxdpo.jobs import model_setup
+from jaxdpo.jobs import common, model_setup
 from jaxdpo.train import optim
 from jaxdpo.train import loop as train
 from jaxdpo.parallel import sharding as shd
@@ -19,6 +19,7 @@ from jaxdpo.data import pipeline, records, tokenize
 from jaxdpo.data.vision import adapters as multimodal
 from jaxdpo.objectives import dpo_losses as losses
 from jaxdpo.objectives import dpo_step as step_lib
+from jaxdpo.errors import ConfigError
 
 log = logging.getLogger("jaxdpo")
 
@@ -30,9 +31,8 @@ def loss_config(config) -> losses.DPOLossConfig:
 
 
 def step_config(config, model_cfg) -> step_lib.StepConfig:
-  return step_lib.StepConfig(loss=loss_config(config),
-                             compute_dtype=model_setup.dtype_of(config.model.compute_dtype),
-                             grad_accum=config.train.grad_accum, logprob_chunk=config.train.logprob_chunk)
+  del model_cfg  # the soft cap comes from the model itself
+  return step_lib.StepConfig(loss=loss_config(config), **common.compute_settings(config))
 
 
 def tokenize_preferences(source: str, tok, config, *, desc: str, vision=None) -> list[tokenize.TokenizedPair]:
@@ -50,12 +50,6 @@ def tokenize_preferences(source: str, tok, config, *, desc: str, vision=None) ->
                                             use_chat_template=dcfg.use_chat_template,
                                             images=multimodal.record_images(vision, r, base_dir)))
   return out
-
-
-def check_vocab(tok, model_cfg, where: str):
-  vocab = getattr(model_cfg, "vocab_size", None) or getattr(getattr(model_cfg, "text", None), "vocab_size", None)
-  if vocab is not None and len(tok) > vocab:
-    raise records.DataError(f"{where}: tokenizer has {len(tok)} tokens but the model's vocabulary is {vocab}")
 
 
 def precompute_reference(bundle, examples, scfg, mesh, batch_size: int, collate, desc: str):
@@ -110,10 +104,10 @@ def run(config, workdir: str) -> dict:
   mesh = shd.make_mesh(config.mesh)
   shd.check_batch(config.train.batch_size, mesh, rules)
   if config.train.batch_size % config.train.grad_accum:
-    raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by "
+    raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by "
                      f"config.train.grad_accum={config.train.grad_accum}")
   if config.dpo.reference not in ("model", "cached"):
-    raise ValueError(f"config.dpo.reference={config.dpo.reference!r}; expected 'model' or 'cached'")
+    raise ConfigError(f"config.dpo.reference={config.dpo.reference!r}; expected 'model' or 'cached'")
   tok = tokenize.load_tokenizer(config.data.tokenizer)
   vision = multimodal.adapter_for(config, tok)
   train_examples = tokenize_preferences(config.data.train, tok, config, desc="train", vision=vision)
@@ -126,9 +120,9 @@ def run(config, workdir: str) -> dict:
   # Per-device memory from shapes alone: a run that cannot fit stops before anything is allocated.
   plan = memory.report_and_check(memory.plan_dpo(config, mesh, rules), config.train.device_memory_gb)
   bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed)
-  check_vocab(tok, bundle.config, config.data.tokenizer)
+  common.check_vocab(tok, bundle.config, config.data.tokenizer)
   scfg = step_config(config, bundle.config)
-  pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  pad_id = tokenize.pad_token_id(tok)
   collate = lambda b: pipeline.collate_pairs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision)
   # Every host walks the same global order and collates the rows its devices hold, so the global
   # batch does not depend on the number of processes (see pipeline.make_iterator).

@@ -22,6 +22,7 @@ from jaxdpo.generation import sampling as sampling_run
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.data import tokenize
 from jaxdpo.data.vision import adapters as multimodal
+from jaxdpo.errors import ConfigError
 
 
 def load_generation_model(config):
@@ -43,7 +44,7 @@ def summary_for(rows, config) -> dict:
 def run(config, workdir: str) -> dict:
   """Runs the eval job; returns the summary."""
   if not config.data.prompts:
-    raise ValueError("config.data.prompts is empty: the eval job needs {prompt, reference?} records")
+    raise ConfigError("config.data.prompts is empty: the eval job needs {prompt, reference?} records")
   tok = tokenize.load_tokenizer(config.data.tokenizer)
   vision = multimodal.adapter_for(config, tok)
   items = sampling_run.load_prompts(config.data.prompts, tok, config, vision)

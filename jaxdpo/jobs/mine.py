@@ -22,6 +22,7 @@ from jaxdpo.jobs import jsonio
 from jaxdpo.generation import sampling as sampling_run
 from jaxdpo.data import tokenize
 from jaxdpo.data.vision import adapters as multimodal
+from jaxdpo.errors import ConfigError
 
 CHOSEN = ("reference", "best_sample")
 REJECTED = ("degenerate", "worst_cer")
@@ -60,12 +61,12 @@ def run(config, workdir: str) -> dict:
   """Runs the mine job; returns the summary."""
   m = config.mine
   if m.chosen not in CHOSEN or m.rejected not in REJECTED:
-    raise ValueError(f"config.mine.chosen={m.chosen!r} (expected {CHOSEN}), config.mine.rejected={m.rejected!r} "
+    raise ConfigError(f"config.mine.chosen={m.chosen!r} (expected {CHOSEN}), config.mine.rejected={m.rejected!r} "
                      f"(expected {REJECTED})")
   if m.num_samples < 1:
-    raise ValueError(f"config.mine.num_samples must be >= 1, got {m.num_samples}")
+    raise ConfigError(f"config.mine.num_samples must be >= 1, got {m.num_samples}")
   if not config.data.prompts:
-    raise ValueError("config.data.prompts is empty: the mine job needs {prompt, reference} records")
+    raise ConfigError("config.data.prompts is empty: the mine job needs {prompt, reference} records")
   tok = tokenize.load_tokenizer(config.data.tokenizer)
   vision = multimodal.adapter_for(config, tok)
   items = sampling_run.load_prompts(config.data.prompts, tok, config, vision)

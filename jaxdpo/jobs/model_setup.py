@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.models import io, registry
+from jaxdpo.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -28,7 +29,7 @@ def dtype_of(name: str):
   try:
     return jnp.dtype(name)
   except TypeError as e:
-    raise ValueError(f"unknown dtype {name!r} (use float32 or bfloat16)") from e
+    raise ConfigError(f"unknown dtype {name!r} (use float32 or bfloat16)") from e
 
 
 def attention_impl(name: str, compute_dtype) -> str | None:
@@ -50,7 +51,7 @@ def parse_rules(spec: str):
     axes_t = tuple(a for a in axes.split("+") if a)
     for a in axes_t:
       if a not in shd.MESH_AXES:
-        raise ValueError(f"config.sharding_rules: {item!r} names unknown mesh axis {a!r}")
+        raise ConfigError(f"config.sharding_rules: {item!r} names unknown mesh axis {a!r}")
     table[name.strip()] = axes_t or None
   return tuple(table.items())
 
@@ -61,7 +62,7 @@ def resolve_model(model_cfg):
     return io.read_model_meta(model_cfg.checkpoint)
   family = registry.get_family(model_cfg.family)
   if model_cfg.preset not in family.presets:
-    raise ValueError(f"config.model.preset={model_cfg.preset!r} is not a {family.name} preset; "
+    raise ConfigError(f"config.model.preset={model_cfg.preset!r} is not a {family.name} preset; "
                      f"known: {sorted(family.presets)}")
   return family, family.presets[model_cfg.preset]()
 

@@ -6,13 +6,12 @@ import jax
 from tqdm.auto import tqdm
 
 from jaxdpo.parallel import distributed
-from jaxdpo.jobs import model_setup
+from jaxdpo.jobs import common, model_setup
 from jaxdpo.train import optim
 from jaxdpo.train import loop as train
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.data import pipeline, records, tokenize
 from jaxdpo.data.vision import adapters as multimodal
-from jaxdpo.jobs import dpo as dpo_job
 from jaxdpo.objectives import sft_step
 
 
@@ -41,13 +40,13 @@ def run(config, workdir: str) -> dict:
   if vision is not None:
     vision = vision.with_budget(examples)
   bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed)
-  dpo_job.check_vocab(tok, bundle.config, config.data.tokenizer)
-  scfg = dpo_job.step_config(config, bundle.config)
+  common.check_vocab(tok, bundle.config, config.data.tokenizer)
+  scfg = sft_step.SFTStepConfig(**common.compute_settings(config))
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
   state = train.init_state(bundle, tx, mesh)
   step_fn = sft_step.make_train_step(bundle.graphdef, tx, scfg, mesh, jax.tree.map(lambda x: x.sharding, state),
                                      schedule)
-  pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  pad_id = tokenize.pad_token_id(tok)
   collate = lambda b: pipeline.collate_seqs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision)
   # As in the DPO job: every host walks the same global order and collates only its own rows,
   # so the trajectory does not depend on the number of hosts.

@@ -17,11 +17,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from jaxdpo.errors import ConversionError  # noqa: F401  (raised here; kept importable from here)
+
 Transform = Callable[[np.ndarray], np.ndarray]
-
-
-class ConversionError(ValueError):
-  """Raised when a checkpoint does not match the model it is converted to."""
 
 
 def identity(x: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdpo.errors import CheckpointNotFoundError, ConversionError, OutputExistsError
 from jaxdpo.models import convert_table, registry
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -64,7 +65,7 @@ def config_from_dict(family: registry.Family, d: dict):
   fields = {f.name: f for f in dataclasses.fields(family.config_cls)}
   unknown = sorted(set(d) - set(fields))
   if unknown:
-    raise ValueError(f"unknown {family.config_cls.__name__} fields: {unknown}")
+    raise ConversionError(f"unknown {family.config_cls.__name__} fields: {unknown}")
   return family.config_cls(**{k: _tuplify(v) for k, v in d.items()})
 
 
@@ -81,7 +82,7 @@ def atomic_dir(final: str, overwrite: bool = False):
   """Yields a temporary sibling directory that is renamed to `final` only on success."""
   final = os.path.abspath(final)
   if os.path.exists(final) and not overwrite:
-    raise FileExistsError(f"{final} already exists; pass --overwrite to replace it")
+    raise OutputExistsError(f"{final} already exists; pass --overwrite to replace it")
   parent = os.path.dirname(final)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
@@ -106,8 +107,8 @@ def save_params(path: str, params_pure: dict):
 def read_model_meta(ckpt_dir: str) -> tuple[registry.Family, Any]:
   meta_path = os.path.join(ckpt_dir, "jaxdpo_model.json")
   if not os.path.exists(meta_path):
-    raise FileNotFoundError(f"{ckpt_dir}: not a jaxdpo model checkpoint (no jaxdpo_model.json); "
-                            "convert an HF model with `python -m jaxdpo.convert hf-to-jax`")
+    raise CheckpointNotFoundError(f"{ckpt_dir}: not a jaxdpo model checkpoint (no jaxdpo_model.json); "
+                                "convert an HF model with `python -m jaxdpo.convert hf-to-jax`")
   with open(meta_path) as f:
     meta = json.load(f)
   family = registry.get_family(meta["family"])

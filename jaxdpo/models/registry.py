@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from jaxdpo.errors import ConfigError
 from jaxdpo.models.convert_table import ConversionError, Rule
 
 
@@ -36,6 +37,13 @@ class Family:
   presets: dict[str, Callable[[], Any]]
 
 
+class UnknownFamilyError(ConfigError, KeyError):
+  """A family name no registered family carries (config.model.family, a checkpoint's meta)."""
+
+  def __str__(self):  # KeyError would quote the message
+    return str(self.args[0]) if self.args else ""
+
+
 _FAMILIES: dict[str, Family] = {}
 
 
@@ -47,7 +55,7 @@ def register(family: Family) -> Family:
 def get_family(name: str) -> Family:
   _load_builtin()
   if name not in _FAMILIES:
-    raise KeyError(f"unknown model family {name!r}; known: {sorted(_FAMILIES)}")
+    raise UnknownFamilyError(f"unknown model family {name!r}; known: {sorted(_FAMILIES)}")
   return _FAMILIES[name]
 
 

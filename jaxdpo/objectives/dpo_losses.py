@@ -18,7 +18,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxdpo.errors import ConfigError
+
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+LABEL_SMOOTHED = ("sigmoid", "robust")  # the losses with a label-smoothing term
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +36,15 @@ class DPOLossConfig:
 
   def __post_init__(self):
     if self.loss_type not in LOSS_TYPES:
-      raise ValueError(f"dpo.loss_type={self.loss_type!r}; expected one of {LOSS_TYPES}")
+      raise ConfigError(f"config.dpo.loss_type={self.loss_type!r}; expected one of {LOSS_TYPES}")
     if self.loss_type == "robust" and not 0.0 <= self.label_smoothing < 0.5:
-      raise ValueError(f"dpo.label_smoothing must be in [0, 0.5) for the robust loss, got {self.label_smoothing}")
+      raise ConfigError(f"config.dpo.label_smoothing must be in [0, 0.5) for the robust loss, got {self.label_smoothing}")
     if not 0.0 <= self.label_smoothing <= 0.5:
-      raise ValueError(f"dpo.label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
+      raise ConfigError(f"config.dpo.label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
+    if self.label_smoothing and self.loss_type not in LABEL_SMOOTHED:
+      # TRL's hinge and IPO losses have no label-smoothing term; training on would ignore it.
+      raise ConfigError(f"config.dpo.label_smoothing={self.label_smoothing} has no effect on the {self.loss_type!r} "
+                        f"loss; it applies to {LABEL_SMOOTHED} only (set it to 0)")
 
 
 def pair_losses(policy_c, policy_r, ref_c, ref_r, len_c, len_r, cfg: DPOLossConfig):

@@ -6,6 +6,8 @@ image arrays with a leading batch axis (see `jaxdpo.data.step_inputs`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -16,6 +18,16 @@ from jaxdpo.data import step_inputs
 from jaxdpo.objectives import logprobs
 
 SEQ_KEYS = ("input_ids", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTStepConfig:
+  """Static configuration of the SFT step."""
+
+  compute_dtype: jnp.dtype = jnp.float32
+  grad_accum: int = 1
+  logprob_chunk: int = 256
+  logit_softcap: float | None = None  # None: the model's own soft cap
 
 
 def nll_terms(params, batch, graphdef, *, compute_dtype, chunk_size: int, logit_softcap, n_tokens):

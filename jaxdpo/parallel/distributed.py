@@ -33,13 +33,11 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
+from jaxdpo.errors import DistributedInitError  # noqa: F401  (raised here; kept importable from here)
+
 log = logging.getLogger("jaxdpo")
 
 MODES = ("auto", "on", "off")
-
-
-class DistributedInitError(RuntimeError):
-  """The multi-host runtime could not be started; the message says what to check."""
 
 
 @dataclasses.dataclass(frozen=True)

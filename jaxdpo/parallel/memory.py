@@ -25,14 +25,11 @@ from flax import nnx
 
 from jaxdpo.jobs import model_setup
 from jaxdpo.parallel import sharding as shd
+from jaxdpo.errors import MemoryPlanError  # noqa: F401  (raised here; kept importable from here)
 
 log = logging.getLogger("jaxdpo")
 
 GIB = 1 << 30
-
-
-class MemoryPlanError(ValueError):
-  """The run cannot fit in device memory; the message lists what to change."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +145,6 @@ def estimate_activations(model_cfg, *, rows_per_device: int, seq_len: int, compu
   tokens = rows_per_device * seq_len
   logits = rows_per_device * min(logprob_chunk, seq_len) * t.vocab_size * 4
   return tokens * per_token * layers + logits
-
-
 
 
 @functools.lru_cache(maxsize=4)

@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxdpo.errors import MeshConfigError  # noqa: F401  (raised here; kept importable from here)
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Batch rows are split over every axis that holds distinct data; `tensor` shares a batch.
@@ -33,10 +35,6 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vision_mlp", "tensor"),
     ("vision_heads", "tensor"),
 )
-
-
-class MeshConfigError(ValueError):
-  """A mesh or batch size that cannot work on the devices at hand."""
 
 
 def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from jaxdpo.errors import ConfigError
+
 
 def make_schedule(kind: str, lr: float, warmup_steps: int, total_steps: int, end_lr_ratio: float = 0.0):
   """Learning-rate schedule by name: "warmup_cosine" (default), "constant", "warmup_linear"."""
@@ -17,7 +19,7 @@ def make_schedule(kind: str, lr: float, warmup_steps: int, total_steps: int, end
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps),
                                  optax.linear_schedule(lr, lr * end_lr_ratio, max(total_steps - warmup_steps, 1))],
                                 [warmup_steps])
-  raise ValueError(f"optim.schedule={kind!r}; expected warmup_cosine, constant or warmup_linear")
+  raise ConfigError(f"config.optim.schedule={kind!r}; expected warmup_cosine, constant or warmup_linear")
 
 
 def decay_mask(params):

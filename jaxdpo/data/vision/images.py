@@ -11,9 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-
-class ImageError(ValueError):
-  """An image that cannot be loaded or processed; the message names it."""
+from jaxdpo.errors import ImageError  # noqa: F401  (raised here; kept importable from here)
 
 
 def load_image(image, name: str | None = None) -> tuple[Image.Image, str]:
