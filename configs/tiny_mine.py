@@ -17,7 +17,7 @@ def get_config(arg=None):
   del arg
   c = config_defaults.base()
   c.job = "mine"
-  c.data.prompts = assets.path("tiny_prompts.jsonl")
+  c.data.prompts = assets.path("tiny_mine_prompts.jsonl")  # disjoint from the eval prompts
   c.generate.max_new_tokens = 24
   c.generate.max_prompt_length = 24
   c.generate.batch_size = 8

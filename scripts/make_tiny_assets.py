@@ -70,7 +70,25 @@ def main():
     for _ in range(24):
       p = make_pair(rng)
       f.write(json.dumps({"prompt": p["prompt"], "reference": p["chosen"]}) + "\n")
+  write_mine_prompts()
   print(f"wrote {ASSETS}")
+
+
+def write_mine_prompts(n: int = 24):
+  """Prompts for the mine job, disjoint from tiny_prompts.jsonl (the eval set): mining on the eval
+  prompts would train DPO on the very pages it is then scored on."""
+  with open(os.path.join(ASSETS, "tiny_prompts.jsonl")) as f:
+    taken = {json.loads(line)["prompt"] for line in f if line.strip()}
+  rng = random.Random(2024)  # its own stream: the files above stay unchanged
+  with open(os.path.join(ASSETS, "tiny_mine_prompts.jsonl"), "w") as f:
+    written = 0
+    while written < n:
+      p = make_pair(rng)
+      if p["prompt"] in taken:
+        continue
+      taken.add(p["prompt"])
+      f.write(json.dumps({"prompt": p["prompt"], "reference": p["chosen"]}) + "\n")
+      written += 1
 
 
 if __name__ == "__main__":

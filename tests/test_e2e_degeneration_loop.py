@@ -66,10 +66,14 @@ def test_sft_eval_mine_dpo_eval(tmp_path):
   pairs = _jsonl(mine / "pairs.jsonl")
   with open(mine / "mine_summary.json") as f:
     summary = json.load(f)
-  assert summary["records"] == n_prompts and summary["samples"] == 2 * n_prompts
+  n_mine = len(_jsonl(os.path.join(ROOT, "jaxdpo", "assets", "tiny_mine_prompts.jsonl")))
+  assert summary["records"] == n_mine and summary["samples"] == 2 * n_mine
   assert summary["pairs"] == len(pairs) >= 4
-  assert summary["pairs"] + sum(summary["records_without_pair"].values()) == n_prompts
-  assert all({"prompt", "chosen", "rejected"} <= set(p) and p["chosen"] != p["rejected"] for p in pairs)
+  assert summary["pairs"] + sum(summary["records_without_pair"].values()) == n_mine
+  assert all({"prompt", "chosen", "rejected", "rejected_hit_limit"} <= set(p) and p["chosen"] != p["rejected"]
+             for p in pairs)
+  assert summary["pairs_rejected_hit_limit"] == sum(p["rejected_hit_limit"] for p in pairs)
+  assert 0 < summary["max_pair_length"] <= 48  # tiny_dpo's data.max_length
 
   _main("tiny_dpo.py", dpo, *_model_args(sft / "model"), f"--config.data.train={mine / 'pairs.jsonl'}",
         "--config.train.num_steps=4", "--config.train.batch_size=4", "--config.train.log_every=2",

@@ -16,6 +16,9 @@ from typing import Any
 from jaxdpo.errors import DataError  # noqa: F401  (raised here; kept importable from here)
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+# Optional: True when the rejected sample hit the generation limit without emitting EOS (mine
+# writes it); tokenization then appends no EOS to it, so DPO does not push down stopping.
+REJECTED_HIT_LIMIT = "rejected_hit_limit"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +117,10 @@ def validate_preference(where: str, row: dict) -> Record:
   _check_text_or_messages(row["chosen"], where, "chosen", completion=True)
   _check_text_or_messages(row["rejected"], where, "rejected", completion=True)
   _check_images(row, where)
-  return Record(where, {k: row[k] for k in (*PREFERENCE_FIELDS, "images") if k in row and row[k] is not None})
+  if row.get(REJECTED_HIT_LIMIT) is not None and not isinstance(row[REJECTED_HIT_LIMIT], bool):
+    raise DataError(f"{where}: field '{REJECTED_HIT_LIMIT}' must be true or false, got {row[REJECTED_HIT_LIMIT]!r}")
+  keep = (*PREFERENCE_FIELDS, "images", REJECTED_HIT_LIMIT)
+  return Record(where, {k: row[k] for k in keep if k in row and row[k] is not None})
 
 
 def validate_completion(where: str, row: dict, *, completion_field: str = "completion",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from jaxdpo.data.records import DataError, Record
+from jaxdpo.data.records import REJECTED_HIT_LIMIT, DataError, Record
 
 TRUNCATION_MODES = ("keep_end", "keep_start", "off")
 
@@ -62,14 +62,18 @@ def _ids(tok, text_or_messages, *, add_generation_prompt: bool = False, chat: bo
   return list(tok(text_or_messages, add_special_tokens=False)["input_ids"])
 
 
-def prompt_and_completion(tok, prompt, completion, *, use_chat_template: bool,
-                          images=None) -> tuple[list[int], list[int]]:
+def prompt_and_completion(tok, prompt, completion, *, use_chat_template: bool, images=None,
+                          ends_turn: bool = True) -> tuple[list[int], list[int]]:
   """Token ids of the prompt and of the completion that follows it.
 
   With a chat template, string prompts/completions become a user/assistant turn. Without
   one, the text is concatenated and the EOS token is appended to the completion (TRL's
   convention), so that the model learns to stop. `images` (a `multimodal.RecordImages`) adds
   the record's image placeholders to the prompt and expands them to image tokens.
+
+  `ends_turn=False` is for a sample that was cut off at the generation limit: the model never
+  emitted EOS, so the completion stops at its last text token (the template's end-of-turn and
+  whatever follows it are dropped; no EOS is appended).
   """
   chat = use_chat_template and (isinstance(prompt, list) or bool(getattr(tok, "chat_template", None)))
   if chat:
@@ -84,11 +88,14 @@ def prompt_and_completion(tok, prompt, completion, *, use_chat_template: bool,
       raise DataError("chat-message records need a tokenizer with a chat template")
     if images is not None:
       prompt = images.plain(prompt)
-    text = completion if completion.endswith(tok.eos_token) else completion + tok.eos_token
+    text = completion if completion.endswith(tok.eos_token) or not ends_turn else completion + tok.eos_token
     prompt_ids = _ids(tok, prompt, chat=False, images=images)
     full_ids = _ids(tok, prompt + text, chat=False, images=images)
   n = _common_prefix(prompt_ids, full_ids)
-  return prompt_ids[:n], full_ids[n:]
+  completion_ids = full_ids[n:]
+  if not ends_turn and tok.eos_token_id in completion_ids:
+    completion_ids = completion_ids[:completion_ids.index(tok.eos_token_id)]
+  return prompt_ids[:n], completion_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +126,8 @@ def fit(prompt: list[int], completions: list[list[int]], *, max_length: int, tru
     return prompt, completions
   if truncation == "off":
     raise DataError(f"{where}: field 'prompt': prompt ({len(prompt)} tokens) plus completion ({longest} tokens) "
-                    f"exceeds max_length={max_length} and data.truncation is 'off'")
+                    f"exceeds max_length={max_length} and data.truncation is 'off'; raise data.max_length to at "
+                    f"least {len(prompt) + longest} (for mined pairs, mine_summary.json's max_pair_length)")
   budget = max(max_length - longest, min(len(prompt), max_prompt_length or max_length // 2), 1)
   budget = min(budget, len(prompt), max_length - 1)
   prompt = prompt[len(prompt) - budget:] if truncation == "keep_end" else prompt[:budget]
@@ -144,7 +152,7 @@ def tokenize_preference(tok, record: Record, *, max_length: int, truncation: str
   p_c, chosen = prompt_and_completion(tok, f["prompt"], f["chosen"], use_chat_template=use_chat_template,
                                       images=images)
   p_r, rejected = prompt_and_completion(tok, f["prompt"], f["rejected"], use_chat_template=use_chat_template,
-                                        images=images)
+                                        images=images, ends_turn=not f.get(REJECTED_HIT_LIMIT, False))
   prompt = p_c[:_common_prefix(p_c, p_r)]
   chosen = p_c[len(prompt):] + chosen
   rejected = p_r[len(prompt):] + rejected

@@ -6,8 +6,12 @@ mark the degenerate ones, and write a pair in the DPO job's input format:
              sample with the lowest CER against the reference (`"best_sample"`);
   rejected = a degenerate sample (`mine.rejected = "degenerate"`), or, when none degenerated,
              the sample with the highest CER (`"worst_cer"`).
+Each pair records `rejected_hit_limit`: a rejected sample that ran to `generate.max_new_tokens`
+without EOS is tokenized without one (DPO must not learn that stopping after a loop is bad).
 Outputs: `pairs.jsonl` (feed it to the dpo job as `data.train`), `samples.jsonl` (every sample
-with its verdict) and `mine_summary.json` (how many records yielded a pair, and why not).
+with its verdict and `hit_limit`) and `mine_summary.json` (how many records yielded a pair, and
+why not; `max_pair_length`, the tokens the longest pair needs: the DPO stage's `data.max_length`
+must be at least that, or its pairs get truncated).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from jaxdpo.jobs import evaluate as eval_job
 from jaxdpo.generation import eval_stats
 from jaxdpo.jobs import jsonio
 from jaxdpo.generation import sampling as sampling_run
-from jaxdpo.data import tokenize
+from jaxdpo.data import records, tokenize
 from jaxdpo.data.vision import adapters as multimodal
 from jaxdpo.errors import ConfigError
 
@@ -57,6 +61,15 @@ def pick_pair(samples: list[dict], reference, *, chosen_mode: str, rejected_mode
   return (chosen, rejected), None
 
 
+def pair_length(tok, pair: dict, config, vision) -> int:
+  """Prompt plus longest completion, in tokens, of one mined pair as the DPO job tokenizes it."""
+  rec = records.validate_preference("mined pair", pair)
+  seq = tokenize.tokenize_preference(tok, rec, max_length=1 << 30, truncation="off",
+                                     use_chat_template=config.data.use_chat_template,
+                                     images=multimodal.record_images(vision, rec, ""))
+  return len(seq.prompt) + max(len(seq.chosen), len(seq.rejected))
+
+
 def run(config, workdir: str) -> dict:
   """Runs the mine job; returns the summary."""
   m = config.mine
@@ -90,14 +103,19 @@ def run(config, workdir: str) -> dict:
       continue
     chosen, rejected = picked
     pair = {"prompt": rec.fields["prompt"], "chosen": chosen, "rejected": rejected["hypothesis"],
-            "source": rec.where, "rejected_is_degenerate": rejected["is_degenerate"]}
+            "source": rec.where, "rejected_is_degenerate": rejected["is_degenerate"],
+            records.REJECTED_HIT_LIMIT: bool(rejected["hit_limit"])}
     if seq.images:
       pair["images"] = list(seq.images)  # resolved paths: pairs.jsonl lives in another directory
     pairs.append(pair)
+  lengths = [pair_length(tok, p, config, vision) for p in pairs]
   summary = {
       "records": len(items), "samples": len(rows), "degenerate_samples": sum(r["is_degenerate"] for r in rows),
       "records_with_degenerate_sample": sum(any(s["is_degenerate"] for s in v) for v in by_record.values()),
       "pairs": len(pairs), "records_without_pair": reasons, "chosen": m.chosen, "rejected": m.rejected,
+      "pairs_rejected_degenerate": sum(p["rejected_is_degenerate"] for p in pairs),
+      "pairs_rejected_hit_limit": sum(p[records.REJECTED_HIT_LIMIT] for p in pairs),
+      "max_pair_length": max(lengths, default=0),
   }
   if vocab_warning:
     summary["vocab_warning"] = vocab_warning
@@ -106,5 +124,5 @@ def run(config, workdir: str) -> dict:
     jsonio.write_jsonl(os.path.join(workdir, "pairs.jsonl"), pairs)
     jsonio.write_json(os.path.join(workdir, "mine_summary.json"), summary)
     print(f"mined {len(pairs)} pairs from {len(items)} records ({summary['degenerate_samples']} degenerate samples "
-          f"of {len(rows)})")
+          f"of {len(rows)}); the longest pair needs data.max_length >= {summary['max_pair_length']}")
   return summary
