@@ -15,6 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxdpo.errors import ConfigError, UserError
+from jaxdpo.jobs import validate
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:arg]).",
@@ -54,6 +55,8 @@ def write_config(config, workdir: str):
 
 def run(config, workdir: str):
   """Dispatches `config.job`; returns what the job returns."""
+  # Every value checked before any data is read or model built: a typo costs a second, not a compile.
+  validate.check(config)
   table = _job_table()
   if config.job not in table:
     raise ConfigError(f"unknown config.job={config.job!r}; known jobs: {sorted(table)}")
@@ -96,9 +99,30 @@ def exit_on_user_error(fn):
     sys.exit(2)
 
 
+def _resolve_config_arg(argv: list[str]) -> list[str]:
+  """argv with the `--config` value made absolute (a path, or a config shipped in jaxdpo/configs)."""
+  from jaxdpo.cli import config_paths
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a == "--config" and i + 1 < len(out):
+      out[i + 1] = config_paths.resolve(out[i + 1])
+    elif a.startswith("--config="):
+      out[i] = "--config=" + config_paths.resolve(a[len("--config="):])
+  return out
+
+
 def cli(argv=None):
   """`app.run`, with config-file and override errors turned into one clear line (exit code 2)."""
   argv = list(sys.argv if argv is None else argv)
+  if any(a in ("--help", "-h", "--helpfull", "-help") for a in argv[1:]):
+    from jaxdpo.cli import help_text
+    sys.stdout.write(help_text.render())
+    sys.exit(0)
+  try:
+    argv = _resolve_config_arg(argv)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   overrides = [a for a in argv if a.startswith("--config.")]
   try:
     # Parse once up front: errors raised while applying overrides (a misspelt key, a wrong

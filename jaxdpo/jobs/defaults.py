@@ -14,30 +14,30 @@ from jaxdpo import assets
 def base() -> ml_collections.ConfigDict:
   """Defaults for every job (dpo, sft, eval, mine)."""
   c = ml_collections.ConfigDict()
-  c.job = "dpo"
-  c.seed = 0
+  c.job = "dpo"                     # dpo | sft | eval | mine
+  c.seed = 0                        # model init, data order and sampling
 
   c.model = ml_collections.ConfigDict()
   c.model.family = "qwen2"          # registry name; ignored when `checkpoint` is set
   c.model.preset = "tiny"           # preset of the family, for randomly initialised models
   c.model.checkpoint = ""           # converted checkpoint dir (python -m jaxdpo.convert hf-to-jax)
-  c.model.param_dtype = "float32"
-  c.model.compute_dtype = "float32"
+  c.model.param_dtype = "float32"   # float32 | bfloat16 (master weights)
+  c.model.compute_dtype = "float32" # float32 | bfloat16 (matmuls and activations)
   c.model.attention_impl = ""       # "" = auto: cudnn on GPU, xla elsewhere
 
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # axis sizes; one may be -1 (the rest)
   c.sharding_rules = ""             # "" = jaxdpo.parallel.sharding.DEFAULT_RULES; else "name=axis1+axis2,name2=,..."
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = assets.path("tiny_prefs.jsonl")
-  c.data.eval = ""
+  c.data.train = assets.path("tiny_prefs.jsonl")  # .jsonl / .json / .parquet file, or a hub dataset name
+  c.data.eval = ""                  # held-out records, scored every train.eval_every steps (and at the end)
   c.data.split = "train"            # for hub datasets
-  c.data.tokenizer = assets.path("tiny_tokenizer")
-  c.data.max_length = 64
+  c.data.tokenizer = assets.path("tiny_tokenizer")  # a local tokenizer dir (AutoTokenizer)
+  c.data.max_length = 64            # tokens per sequence (prompt + completion)
   c.data.max_prompt_length = 0      # 0 = max_length // 2 when truncating
   c.data.truncation = "keep_end"    # keep_end | keep_start | off
-  c.data.use_chat_template = True
-  c.data.shuffle = True
+  c.data.use_chat_template = True   # wrap prompts with the tokenizer's chat template
+  c.data.shuffle = True             # shuffle the training order (seeded)
   c.data.prompts = ""               # eval / mine input: {"prompt", "reference"?, "images"?} records
   c.data.degeneration_eval = ""     # dpo/sft: prompts whose degeneration rate is logged every
                                     # train.degeneration_eval_every steps as eval/degeneration_rate
@@ -46,22 +46,22 @@ def base() -> ml_collections.ConfigDict:
 
   c.dpo = ml_collections.ConfigDict()
   c.dpo.loss_type = "sigmoid"       # sigmoid | robust | hinge | ipo
-  c.dpo.beta = 0.1
-  c.dpo.label_smoothing = 0.0
-  c.dpo.rpo_alpha = 0.0
-  c.dpo.reference_free = False
+  c.dpo.beta = 0.1                  # strength of the KL penalty to the reference, as in TRL
+  c.dpo.label_smoothing = 0.0       # sigmoid / robust only (cDPO)
+  c.dpo.rpo_alpha = 0.0             # weight of the NLL term on chosen (RPO); 0 = off
+  c.dpo.reference_free = False      # no reference model (its log-probs taken as 0)
   c.dpo.reference = "model"         # model: frozen copy of the initial policy; cached: precomputed once
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-6
-  c.optim.schedule = "warmup_cosine"
+  c.optim.lr = 1e-6                 # peak learning rate (AdamW)
+  c.optim.schedule = "warmup_cosine"  # warmup_cosine | constant | warmup_linear
   c.optim.warmup_steps = 10
-  c.optim.end_lr_ratio = 0.0
+  c.optim.end_lr_ratio = 0.0        # final lr as a fraction of optim.lr
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.0
-  c.optim.max_grad_norm = 1.0
+  c.optim.max_grad_norm = 1.0       # global-norm clipping; 0 = off
 
   c.generate = ml_collections.ConfigDict()
   c.generate.max_new_tokens = 64
@@ -69,7 +69,7 @@ def base() -> ml_collections.ConfigDict:
   c.generate.batch_size = 8
   c.generate.temperature = 0.0       # 0 = greedy
   c.generate.top_p = 1.0
-  c.generate.top_k = 0
+  c.generate.top_k = 0               # 0 = off
 
   c.degeneration = ml_collections.ConfigDict()  # see jaxdpo.generation.degeneration.DegenerationConfig
   c.degeneration.min_period = 1
@@ -87,19 +87,19 @@ def base() -> ml_collections.ConfigDict:
   c.mine.rejected = "degenerate"     # degenerate | worst_cer (fallback when no sample degenerated)
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 100
+  c.train.num_steps = 100           # optimizer steps in the whole run (resumes continue to it)
   c.train.batch_size = 8            # global number of pairs (or sequences for sft) per optimizer step
-  c.train.grad_accum = 1
-  c.train.log_every = 10
-  c.train.ckpt_every = 50
-  c.train.max_to_keep = 3
-  c.train.eval_every = 0
-  c.train.eval_batches = 4
-  c.train.degeneration_eval_every = 0
+  c.train.grad_accum = 1            # micro-batches per step (must divide batch_size)
+  c.train.log_every = 10            # steps between metrics.jsonl lines
+  c.train.ckpt_every = 50           # steps between checkpoints (and one at the end)
+  c.train.max_to_keep = 3           # checkpoints kept in DIR/checkpoints
+  c.train.eval_every = 0            # steps between evals on data.eval; 0 = only at the end
+  c.train.eval_batches = 4          # batches of data.eval per eval
+  c.train.degeneration_eval_every = 0  # steps between degeneration evals on data.degeneration_eval
   c.train.stop_at_step = -1         # stop (after checkpointing) at this step; -1 = run to num_steps
-  c.train.logprob_chunk = 256
-  c.train.tensorboard = False
-  c.train.progress = True
+  c.train.logprob_chunk = 256       # vocab-projection chunk (tokens) when computing log-probs
+  c.train.tensorboard = False       # also log to DIR/tensorboard (needs tensorboardX)
+  c.train.progress = True           # progress bar on stderr
   c.train.straggler_factor = 10.0   # warn when a step takes this many times the median; 0 = off
   c.train.device_memory_gb = 0.0    # per-device budget for the memory planner; 0 = ask the backend, <0 = no check
   c.train.debug_sigterm_step = -1   # tests: the last process sends itself SIGTERM after this step

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from jaxdpo.parallel import distributed
 from jaxdpo.parallel import memory
 from jaxdpo.jobs import common, model_setup
+from jaxdpo.jobs import validate
 from jaxdpo.train import optim
 from jaxdpo.train import loop as train
 from jaxdpo.parallel import sharding as shd
@@ -111,6 +112,7 @@ def run(config, workdir: str) -> dict:
   tok = tokenize.load_tokenizer(config.data.tokenizer)
   vision = multimodal.adapter_for(config, tok)
   train_examples = tokenize_preferences(config.data.train, tok, config, desc="train", vision=vision)
+  validate.check_dataset_size(len(train_examples), config.train.batch_size, config.data.train, "pairs")
   eval_examples = (tokenize_preferences(config.data.eval, tok, config, desc="eval", vision=vision)
                    if config.data.eval else [])
   degen_vision = vision

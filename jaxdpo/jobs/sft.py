@@ -7,6 +7,7 @@ from tqdm.auto import tqdm
 
 from jaxdpo.parallel import distributed
 from jaxdpo.jobs import common, model_setup
+from jaxdpo.jobs import validate
 from jaxdpo.train import optim
 from jaxdpo.train import loop as train
 from jaxdpo.parallel import sharding as shd
@@ -37,6 +38,7 @@ def run(config, workdir: str) -> dict:
   tok = tokenize.load_tokenizer(config.data.tokenizer)
   vision = multimodal.adapter_for(config, tok)
   examples = tokenize_sft(config.data.train, tok, config, desc="train", vision=vision)
+  validate.check_dataset_size(len(examples), config.train.batch_size, config.data.train)
   if vision is not None:
     vision = vision.with_budget(examples)
   bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed)

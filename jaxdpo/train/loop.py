@@ -121,7 +121,8 @@ def run_loop(config, workdir: str, mesh, spec: LoopSpec) -> dict:
         jax.block_until_ready(metrics)
       step += 1
       want_log = step % tcfg.log_every == 0 or step == end
-      want_eval = spec.eval_fn is not None and _due(step, end, tcfg.eval_every)
+      # Held-out data is always scored at the end of the run; eval_every adds evals on the way.
+      want_eval = spec.eval_fn is not None and (step == end or _due(step, end, tcfg.eval_every))
       want_degen = spec.degeneration_fn is not None and _due(step, end, tcfg.degeneration_eval_every)
       if want_log or want_eval or want_degen:
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
