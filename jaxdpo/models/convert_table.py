@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -88,6 +88,44 @@ def reshape(*shape: int) -> tuple[Transform, Transform]:
   def to_hf(b):
     return b.reshape(-1)
   return to_jax, to_hf
+
+
+# ----------------------------------------------------------------------------------------------
+# Key layouts
+
+ROTARY_BUFFER = "rotary_emb.inv_freq"  # a non-persistent buffer some exports still write
+
+
+def replace_prefix(key: str, prefixes: Sequence[tuple[str, str]]) -> str:
+  """Rewrites the first matching (old prefix, new prefix) of `prefixes`; other keys pass unchanged."""
+  for old, new in prefixes:
+    if key.startswith(old):
+      return new + key[len(old):]
+  return key
+
+
+def key_normalizer(prefixes: Sequence[tuple[str, str]] = (), *, tied: bool,
+                   buffer_suffixes: Sequence[str] = (ROTARY_BUFFER,)) -> Callable[[str], str | None]:
+  """A family's HF key -> canonical key function.
+
+  Args:
+    prefixes: (layout prefix, canonical prefix) pairs, first match wins, so list canonical
+      prefixes (mapped to themselves) before shorter legacy ones they start with.
+    tied: whether the model ties its head to the embedding; a `lm_head.weight` copy that some
+      exports still write is then ignored rather than reported as unconsumed.
+    buffer_suffixes: keys ending so are buffers, not parameters, and are ignored.
+
+  Returns:
+    key -> canonical key, or None for keys to ignore.
+  """
+  def normalize(key: str) -> str | None:
+    if any(key.endswith(suffix) for suffix in buffer_suffixes):
+      return None
+    key = replace_prefix(key, prefixes)
+    if tied and key == "lm_head.weight":
+      return None
+    return key
+  return normalize
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ initialisation under `jit` with explicit out shardings instead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import jax
@@ -21,6 +22,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 Initializer = jax.nn.initializers.Initializer
+
+
+def scoped(name: str) -> Callable[[Callable], Callable]:
+  """Runs a method under `jax.named_scope(name)`, so that profiles and HLO name its ops
+  (e.g. "block_3/attention/..."), whichever family or tower calls it."""
+  def wrap(method):
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+      with jax.named_scope(name):
+        return method(*args, **kwargs)
+    return run
+  return wrap
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
@@ -219,6 +232,23 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float,
                                       implementation=implementation)
 
 
+def write_kv_cache(cache, k_BTKH, v_BTKH, cache_index):
+  """Writes this call's keys/values into a preallocated cache at slot `cache_index`.
+
+  Args:
+    cache: (k [B, S, K, H], v [B, S, K, H]) in the cache dtype.
+    k_BTKH, v_BTKH: the new keys and values.
+    cache_index: int scalar, the slot of the first new token.
+
+  Returns:
+    (new cache, keys [B, S, K, H], values [B, S, K, H]) where the keys and values span the whole
+    cache in the new keys' dtype; the attention mask decides which slots count.
+  """
+  k_BSKH = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BTKH.astype(cache[0].dtype), cache_index, axis=1)
+  v_BSKH = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BTKH.astype(cache[1].dtype), cache_index, axis=1)
+  return (k_BSKH, v_BSKH), k_BSKH.astype(k_BTKH.dtype), v_BSKH.astype(v_BTKH.dtype)
+
+
 class GatedMLP(nnx.Module):
   """SwiGLU / GeGLU: down(act(gate(x)) * up(x))."""
 
@@ -231,6 +261,7 @@ class GatedMLP(nnx.Module):
     self.down = Einsum("BTF,FD->BTD", (f, d), axes_out, rngs=rngs, dtype=dtype, **bias_out)
     self.activation = activation
 
+  @scoped("mlp")
   def __call__(self, x_BTD):
     return self.down(activation(self.activation)(self.gate(x_BTD)) * self.up(x_BTD))
 

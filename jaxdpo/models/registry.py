@@ -19,22 +19,27 @@ class Family:
     hf_architectures: `architectures` entries of HF config.json that this family reads.
     config_cls: the frozen config dataclass.
     config_from_hf: HF config dict -> config.
-    build: (config, rngs, param_dtype, attention_impl) -> nnx module.
+    module_cls: the nnx module, constructed as (config, *, rngs, param_dtype, attention_impl).
     rules: config -> list of conversion rules over canonical HF keys.
     normalize_key: config -> (HF key -> canonical key or None to ignore).
-    denormalize_key: canonical key -> the key written by jax-to-hf (the transformers-5 layout).
     presets: named config constructors.
+    denormalize_key: canonical key -> the key written by jax-to-hf; by default the canonical
+      (transformers-5) key itself.
   """
 
   name: str
   hf_architectures: tuple[str, ...]
   config_cls: type
   config_from_hf: Callable[[dict], Any]
-  build: Callable[..., Any]
+  module_cls: type
   rules: Callable[[Any], list[Rule]]
   normalize_key: Callable[[Any], Callable[[str], str | None]]
-  denormalize_key: Callable[[str], str]
   presets: dict[str, Callable[[], Any]]
+  denormalize_key: Callable[[str], str] = lambda key: key
+
+  def build(self, cfg, rngs, param_dtype, attention_impl=None):
+    """Constructs the family's module (call under `nnx.eval_shape` for an abstract one)."""
+    return self.module_cls(cfg, rngs=rngs, param_dtype=param_dtype, attention_impl=attention_impl)
 
 
 class UnknownFamilyError(ConfigError, KeyError):

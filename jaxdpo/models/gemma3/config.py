@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxdpo.models import nested_config
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
@@ -118,10 +120,7 @@ class Gemma3Config:
   eoi_token_id: int = 256_000
 
   def __post_init__(self):
-    if isinstance(self.text, dict):
-      object.__setattr__(self, "text", Gemma3TextConfig(**self.text))
-    if isinstance(self.vision, dict):
-      object.__setattr__(self, "vision", SiglipVisionConfig(**self.vision))
+    nested_config.rebuild_sub_configs(self, text=Gemma3TextConfig, vision=SiglipVisionConfig)
     side = int(round(self.mm_tokens_per_image ** 0.5))
     if side * side != self.mm_tokens_per_image:
       raise ValueError(f"mm_tokens_per_image={self.mm_tokens_per_image} is not a square")

@@ -26,7 +26,8 @@ import re
 import numpy as np
 
 from jaxdpo.models import hf_fields
-from jaxdpo.models.convert_table import ConversionError, Rule, identity, linear_in, linear_out, reshape
+from jaxdpo.models.convert_table import (ROTARY_BUFFER, ConversionError, Rule, identity, key_normalizer, linear_in,
+                                         linear_out, reshape)
 from jaxdpo.models.gemma3.config import (FULL, SLIDING, Gemma3Config, Gemma3TextConfig, SiglipVisionConfig,
                                          layer_types_from_pattern)
 
@@ -311,32 +312,15 @@ _VLM_PREFIXES = (
 )
 
 
-def _is_buffer(key: str) -> bool:
-  # Non-persistent buffers some exports still contain: rotary tables and SigLIP's position ids.
-  return key.endswith("rotary_emb.inv_freq") or key.endswith("embeddings.position_ids")
+# Non-persistent buffers some exports still contain: rotary tables and SigLIP's position ids.
+_BUFFERS = (ROTARY_BUFFER, "embeddings.position_ids")
 
 
 def normalize_key(cfg: Gemma3Config):
   """Key normaliser for `Gemma3ForConditionalGeneration` checkpoints (every layout above)."""
-  def normalize(key: str):
-    if _is_buffer(key):
-      return None
-    for old, new in _VLM_PREFIXES:
-      if key.startswith(old):
-        key = new + key[len(old):]
-        break
-    if cfg.text.tie_word_embeddings and key == "lm_head.weight":
-      return None  # tied: the embedding is the head; some exports still write a copy
-    return key
-  return normalize
+  return key_normalizer(_VLM_PREFIXES, tied=cfg.text.tie_word_embeddings, buffer_suffixes=_BUFFERS)
 
 
 def causal_lm_normalize_key(cfg: Gemma3TextConfig):
   """Key normaliser for `Gemma3ForCausalLM` checkpoints."""
-  def normalize(key: str):
-    if _is_buffer(key):
-      return None
-    if cfg.tie_word_embeddings and key == "lm_head.weight":
-      return None
-    return key
-  return normalize
+  return key_normalizer(tied=cfg.tie_word_embeddings, buffer_suffixes=_BUFFERS)

@@ -9,27 +9,12 @@ from jaxdpo.models.gemma3.model import Gemma3TextModel
 from jaxdpo.models.gemma3.vlm import Gemma3VLM
 
 GEMMA3 = registry.register(registry.Family(
-    name="gemma3",
-    hf_architectures=("Gemma3ForConditionalGeneration",),
-    config_cls=gemma3_config.Gemma3Config,
-    config_from_hf=gemma3_convert.config_from_hf,
-    build=lambda cfg, rngs, param_dtype, attention_impl=None: Gemma3VLM(
-        cfg, rngs=rngs, param_dtype=param_dtype, attention_impl=attention_impl),
-    rules=gemma3_convert.rules,
-    normalize_key=gemma3_convert.normalize_key,
-    denormalize_key=lambda k: k,  # canonical keys are transformers 5's layout
-    presets=gemma3_config.PRESETS,
-))
+    name="gemma3", hf_architectures=("Gemma3ForConditionalGeneration",), module_cls=Gemma3VLM,
+    config_cls=gemma3_config.Gemma3Config, config_from_hf=gemma3_convert.config_from_hf,
+    rules=gemma3_convert.rules, normalize_key=gemma3_convert.normalize_key, presets=gemma3_config.PRESETS))
 
 GEMMA3_TEXT = registry.register(registry.Family(
-    name="gemma3_text",
-    hf_architectures=("Gemma3ForCausalLM",),
-    config_cls=gemma3_config.Gemma3TextConfig,
-    config_from_hf=gemma3_convert.causal_lm_config_from_hf,
-    build=lambda cfg, rngs, param_dtype, attention_impl=None: Gemma3TextModel(
-        cfg, rngs=rngs, param_dtype=param_dtype, attention_impl=attention_impl),
-    rules=gemma3_convert.causal_lm_rules,
-    normalize_key=gemma3_convert.causal_lm_normalize_key,
-    denormalize_key=lambda k: k,
-    presets=gemma3_config.TEXT_PRESETS,
-))
+    name="gemma3_text", hf_architectures=("Gemma3ForCausalLM",), module_cls=Gemma3TextModel,
+    config_cls=gemma3_config.Gemma3TextConfig, config_from_hf=gemma3_convert.causal_lm_config_from_hf,
+    rules=gemma3_convert.causal_lm_rules, normalize_key=gemma3_convert.causal_lm_normalize_key,
+    presets=gemma3_config.TEXT_PRESETS))

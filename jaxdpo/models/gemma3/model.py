@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdpo.models import layers
+from jaxdpo.models import decoder, layers
 from jaxdpo.models.gemma3.config import FULL, SLIDING, Gemma3TextConfig
 
 
@@ -61,6 +61,7 @@ class Attention(nnx.Module):
     self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
     self.attention_impl = attention_impl
 
+  @layers.scoped("attention")
   def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None):
     q_BTNH = layers.apply_rope(self.q_norm(self.q(x_BTD)), cos_BTH, sin_BTH)
     k_BTKH = layers.apply_rope(self.k_norm(self.k(x_BTD)), cos_BTH, sin_BTH)
@@ -78,12 +79,8 @@ class Attention(nnx.Module):
       k_BTKH = jnp.concatenate([ring_k.astype(q_BTNH.dtype), k_BTKH], axis=1)
       v_BTKH = jnp.concatenate([ring_v.astype(q_BTNH.dtype), v_BTKH], axis=1)
     elif cache is not None:
-      # Global layers: write this call's keys/values at `cache_index` and attend over the
-      # whole cache; the mask decides which slots count.
-      k_BSKH = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BTKH.astype(cache[0].dtype), cache_index, axis=1)
-      v_BSKH = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BTKH.astype(cache[1].dtype), cache_index, axis=1)
-      new_cache = (k_BSKH, v_BSKH)
-      k_BTKH, v_BTKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+      # Global layers: attend over the whole cache; the mask decides which slots count.
+      new_cache, k_BTKH, v_BTKH = layers.write_kv_cache(cache, k_BTKH, v_BTKH, cache_index)
     out_BTNH = layers.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, scale=self.scale,
                                             implementation=self.attention_impl)
     return self.o(out_BTNH), new_cache
@@ -111,7 +108,7 @@ class DecoderBlock(nnx.Module):
     return x_BTD, new_cache
 
 
-class Gemma3TextModel(nnx.Module):
+class Gemma3TextModel(decoder.DecoderStack):
   """The Gemma 3 decoder with its (scaled) embedding and LM head.
 
   `__call__` returns the final (normed) hidden states so that log-probs can be computed in
@@ -122,17 +119,11 @@ class Gemma3TextModel(nnx.Module):
 
   def __init__(self, cfg: Gemma3TextConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                attention_impl: str | None = None):
-    self.config = cfg
-    init = jax.nn.initializers.normal(0.02)
-    self.embed_tokens = layers.param(rngs, init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                                     param_dtype)
-    self.layers = nnx.List([DecoderBlock(cfg, t, rngs=rngs, dtype=param_dtype, attention_impl=attention_impl)
-                            for t in cfg.layer_types])
-    self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, plus_one=True, rngs=rngs, dtype=param_dtype)
-    if cfg.tie_word_embeddings:
-      self.lm_head = None
-    else:
-      self.lm_head = layers.param(rngs, init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
+    self.init_stack(
+        cfg, lambda i: DecoderBlock(cfg, cfg.layer_types[i], rngs=rngs, dtype=param_dtype,
+                                    attention_impl=attention_impl),
+        lambda: layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, plus_one=True, rngs=rngs, dtype=param_dtype),
+        rngs=rngs, param_dtype=param_dtype)
     self.logit_softcap = cfg.final_logit_softcapping
 
   # ------------------------------------------------------------------------------------------
@@ -145,17 +136,6 @@ class Gemma3TextModel(nnx.Module):
     # sqrt(2560) = 50.596 into 50.5); we round the same way, through fp32.
     scale = jnp.asarray(np.float32(self.config.hidden_size ** 0.5)).astype(table.dtype)
     return jnp.take(table, ids_BT, axis=0) * scale
-
-  def unembedding(self):
-    """The LM-head matrix [V, D] (the unscaled embedding when tied)."""
-    return (self.embed_tokens if self.lm_head is None else self.lm_head)[...]
-
-  def logits(self, h_BTD):
-    """Full logits; for tests and generation only (training uses chunked log-probs)."""
-    logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, self.unembedding().astype(h_BTD.dtype))
-    if self.logit_softcap is not None:
-      logits_BTV = jnp.tanh(logits_BTV / self.logit_softcap) * self.logit_softcap
-    return logits_BTV
 
   # ------------------------------------------------------------------------------------------
   # Forward
@@ -197,30 +177,14 @@ class Gemma3TextModel(nnx.Module):
     Returns:
       (hidden [B, T, D] after the final norm, new kv cache or None).
     """
-    if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError("pass exactly one of input_ids and inputs_embeds")
-    x_BTD = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+    x_BTD = decoder.embed_or_pass(self, input_ids, inputs_embeds)
     rope = self.rope_tables(positions)
     if masks is None:
       masks = self.masks(segment_ids, segment_ids, groups_q=image_groups_BT, groups_kv=image_groups_BT)
-    new_cache = [] if kv_cache is not None else None
-    for i, block in enumerate(self.layers):
+    def block_inputs(block):
       kind = block.self_attn.layer_type
-      layer_cache = None if kv_cache is None else kv_cache[i]
-      x_BTD, c = block(x_BTD, *rope[kind], masks[kind], layer_cache, cache_index)
-      x_BTD = layers.constrain_batch(x_BTD)  # keep rows split over the batch axes
-      if new_cache is not None:
-        new_cache.append(c)
-    return self.norm(x_BTD), new_cache
-
-  def hidden_states(self, inputs: dict):
-    """Family-neutral entry used by DPO/SFT steps: inputs dict -> hidden [B, T, D].
-
-    Keys: `input_ids`, `positions`, `segment_ids` (all int [B, T]).
-    """
-    h_BTD, _ = self(input_ids=inputs["input_ids"], positions=inputs["positions"],
-                    segment_ids=inputs["segment_ids"])
-    return h_BTD
+      return (*rope[kind], masks[kind])
+    return self.run_blocks(x_BTD, block_inputs, kv_cache, cache_index)
 
   # ------------------------------------------------------------------------------------------
   # Generation protocol (driven by `jaxdpo.generation.decode`). The cache is a plain dict:

@@ -30,6 +30,7 @@ class MultiModalProjector(nnx.Module):
     self.mm_input_projection = layers.param(rngs, jax.nn.initializers.normal(0.02), (e, d),
                                             ("vision_embed", "embed"), param_dtype)
 
+  @layers.scoped("projector")
   def __call__(self, x_IPE):
     i, _, e = x_IPE.shape
     k, tokens_side = self.kernel, self.side // self.kernel

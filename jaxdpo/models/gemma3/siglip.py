@@ -55,6 +55,7 @@ class Attention(nnx.Module):
     self.scale = h ** -0.5
     self.attention_impl = attention_impl
 
+  @layers.scoped("attention")
   def __call__(self, x_BTD):
     out_BTNH = layers.dot_product_attention(self.q(x_BTD), self.k(x_BTD), self.v(x_BTD), None, scale=self.scale,
                                             implementation=self.attention_impl)
@@ -72,6 +73,7 @@ class MLP(nnx.Module):
                              bias_axes=("vision_embed",), rngs=rngs, dtype=dtype)
     self.activation = cfg.hidden_act
 
+  @layers.scoped("mlp")
   def __call__(self, x_BTD):
     return self.fc2(layers.activation(self.activation)(self.fc1(x_BTD)))
 
@@ -102,12 +104,14 @@ class SiglipVisionModel(nnx.Module):
                             for _ in range(cfg.num_layers)])
     self.post_layernorm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, rngs=rngs, dtype=param_dtype)
 
+  @layers.scoped("vision_tower")
   def __call__(self, pixels_ICHW):
     cfg = self.config
     expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
     if tuple(pixels_ICHW.shape[1:]) != expected:
       raise ValueError(f"pixel_values must be [I, {', '.join(map(str, expected))}], got {pixels_ICHW.shape}")
     x_IPD = self.embeddings(pixels_ICHW)
-    for layer in self.layers:
-      x_IPD = layer(x_IPD)
+    for i, layer in enumerate(self.layers):
+      with jax.named_scope(f"block_{i}"):
+        x_IPD = layer(x_IPD)
     return self.post_layernorm(x_IPD)

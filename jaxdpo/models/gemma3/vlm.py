@@ -19,13 +19,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdpo.models import decoder
 from jaxdpo.models.gemma3.config import Gemma3Config
 from jaxdpo.models.gemma3.model import Gemma3TextModel, image_groups
 from jaxdpo.models.gemma3.projector import MultiModalProjector
 from jaxdpo.models.gemma3.siglip import SiglipVisionModel
 
 
-class Gemma3VLM(nnx.Module):
+class Gemma3VLM(decoder.LanguageModelHead, nnx.Module):
   """SigLIP -> projector -> Gemma 3 decoder, with the family-neutral and generation entries."""
 
   def __init__(self, cfg: Gemma3Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
@@ -86,25 +87,9 @@ class Gemma3VLM(nnx.Module):
                                    segment_ids=inputs["segment_ids"], image_groups_BT=groups_BT)
     return h_BTD
 
-  def unembedding(self):
-    return self.language_model.unembedding()
-
-  def logits(self, h_BTD):
-    return self.language_model.logits(h_BTD)
-
-  @property
-  def logit_softcap(self):
-    return self.language_model.logit_softcap
-
-  # Generation protocol: the text model's cache; images only enter through the prompt.
-
-  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
-    return self.language_model.init_cache(batch_size, max_len, dtype)
+  # Head and generation: the text model's (`decoder.LanguageModelHead`); images only enter through the prompt.
 
   def prefill(self, inputs: dict, cache: dict):
     """Left-padded prompt (`input_ids`, `segment_ids`, optional images) -> (fp32 logits [B, V], cache)."""
     x_BTD, groups_BT = self.embed_inputs(inputs)
     return self.language_model.prefill_embeds(x_BTD, inputs["segment_ids"], cache, groups_BT)
-
-  def decode(self, tokens_B, cache: dict):
-    return self.language_model.decode(tokens_B, cache)

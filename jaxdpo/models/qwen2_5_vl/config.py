@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxdpo.models import nested_config
+
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2TextConfig:
@@ -141,10 +143,7 @@ class Qwen2_5_VLConfig:
   vision_end_token_id: int = 151653
 
   def __post_init__(self):
-    if isinstance(self.text, dict):
-      object.__setattr__(self, "text", Qwen2TextConfig(**self.text))
-    if isinstance(self.vision, dict):
-      object.__setattr__(self, "vision", VisionConfig(**self.vision))
+    nested_config.rebuild_sub_configs(self, text=Qwen2TextConfig, vision=VisionConfig)
     if self.text.mrope_section is None:
       raise ValueError("Qwen2.5-VL needs text.mrope_section (M-RoPE), e.g. (16, 24, 24)")
     if self.vision.out_hidden_size != self.text.hidden_size:

@@ -8,7 +8,8 @@ import re
 import numpy as np
 
 from jaxdpo.models import hf_fields
-from jaxdpo.models.convert_table import Rule, identity, linear_in, linear_out, reshape
+from jaxdpo.models.convert_table import (Rule, identity, key_normalizer, linear_in, linear_out, replace_prefix,
+                                         reshape)
 from jaxdpo.models.qwen2_5_vl.config import Qwen2_5_VLConfig, Qwen2TextConfig, VisionConfig
 
 
@@ -63,13 +64,7 @@ def text_rules(cfg: Qwen2TextConfig, hf_prefix: str = "model.", jax_prefix: str 
 
 def qwen2_normalize_key(cfg: Qwen2TextConfig):
   """Key normaliser for `Qwen2ForCausalLM` checkpoints: a tied lm_head copy is ignored."""
-  def normalize(key: str):
-    if cfg.tie_word_embeddings and key == "lm_head.weight":
-      return None  # tied: the embedding is the head; some exports still write a copy
-    if key.endswith("rotary_emb.inv_freq"):
-      return None  # a buffer, not a parameter
-    return key
-  return normalize
+  return key_normalizer(tied=cfg.tie_word_embeddings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,22 +175,9 @@ def vl_rules(cfg: Qwen2_5_VLConfig) -> list[Rule]:
 
 def vl_normalize_key(cfg: Qwen2_5_VLConfig):
   """Folds every accepted key layout into the canonical (transformers-5) one."""
-  def normalize(key: str):
-    if key.endswith("rotary_emb.inv_freq"):
-      return None  # a buffer, not a parameter
-    for old, new in _LAYOUTS:
-      if key.startswith(old):
-        key = new + key[len(old):]
-        break
-    if cfg.text.tie_word_embeddings and key == "lm_head.weight":
-      return None  # tied: the embedding is the head; some exports still write a copy
-    return key
-  return normalize
+  return key_normalizer(_LAYOUTS, tied=cfg.text.tie_word_embeddings)
 
 
 def vl_denormalize_key(key: str) -> str:
   """Canonical key -> the hub layout written by jax-to-hf."""
-  for canon, hub in _HUB_LAYOUT:
-    if key.startswith(canon):
-      return hub + key[len(canon):]
-  return key
+  return replace_prefix(key, _HUB_LAYOUT)

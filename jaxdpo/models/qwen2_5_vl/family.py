@@ -9,28 +9,13 @@ from jaxdpo.models.qwen2_5_vl.model import Qwen2Decoder
 from jaxdpo.models.qwen2_5_vl.vl_model import Qwen2_5_VL
 
 QWEN2 = registry.register(registry.Family(
-    name="qwen2",
-    hf_architectures=("Qwen2ForCausalLM",),
-    config_cls=qwen_config.Qwen2TextConfig,
-    config_from_hf=qwen_convert.text_config_from_hf,
-    build=lambda cfg, rngs, param_dtype, attention_impl=None: Qwen2Decoder(
-        cfg, rngs=rngs, param_dtype=param_dtype, attention_impl=attention_impl),
-    rules=qwen_convert.text_rules,
-    normalize_key=qwen_convert.qwen2_normalize_key,
-    denormalize_key=lambda k: k,
-    presets=qwen_config.PRESETS,
-))
+    name="qwen2", hf_architectures=("Qwen2ForCausalLM",), module_cls=Qwen2Decoder,
+    config_cls=qwen_config.Qwen2TextConfig, config_from_hf=qwen_convert.text_config_from_hf,
+    rules=qwen_convert.text_rules, normalize_key=qwen_convert.qwen2_normalize_key, presets=qwen_config.PRESETS))
 
+# Nanonets-OCR2-3B declares the same architecture. Written back in the hub layout (see convert).
 QWEN2_5_VL = registry.register(registry.Family(
-    name="qwen2_5_vl",
-    # Nanonets-OCR2-3B declares the same architecture.
-    hf_architectures=("Qwen2_5_VLForConditionalGeneration",),
-    config_cls=qwen_config.Qwen2_5_VLConfig,
-    config_from_hf=qwen_convert.vl_config_from_hf,
-    build=lambda cfg, rngs, param_dtype, attention_impl=None: Qwen2_5_VL(
-        cfg, rngs=rngs, param_dtype=param_dtype, attention_impl=attention_impl),
-    rules=qwen_convert.vl_rules,
-    normalize_key=qwen_convert.vl_normalize_key,
-    denormalize_key=qwen_convert.vl_denormalize_key,
-    presets=qwen_config.VL_PRESETS,
-))
+    name="qwen2_5_vl", hf_architectures=("Qwen2_5_VLForConditionalGeneration",), module_cls=Qwen2_5_VL,
+    config_cls=qwen_config.Qwen2_5_VLConfig, config_from_hf=qwen_convert.vl_config_from_hf,
+    rules=qwen_convert.vl_rules, normalize_key=qwen_convert.vl_normalize_key, presets=qwen_config.VL_PRESETS,
+    denormalize_key=qwen_convert.vl_denormalize_key))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdpo.models import layers
+from jaxdpo.models import decoder, layers
 from jaxdpo.models.qwen2_5_vl.config import Qwen2TextConfig
 
 
@@ -29,17 +29,14 @@ class Attention(nnx.Module):
     self.scale = h ** -0.5
     self.attention_impl = attention_impl
 
+  @layers.scoped("attention")
   def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None):
     q_BTNH = layers.apply_rope(self.q(x_BTD), cos_BTH, sin_BTH)
     k_BTKH = layers.apply_rope(self.k(x_BTD), cos_BTH, sin_BTH)
     v_BTKH = self.v(x_BTD)
     new_cache = None
     if cache is not None:
-      # Decode: write this step's keys/values into the preallocated cache at `cache_index`.
-      k_BSKH = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BTKH.astype(cache[0].dtype), cache_index, axis=1)
-      v_BSKH = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BTKH.astype(cache[1].dtype), cache_index, axis=1)
-      new_cache = (k_BSKH, v_BSKH)
-      k_BTKH, v_BTKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+      new_cache, k_BTKH, v_BTKH = layers.write_kv_cache(cache, k_BTKH, v_BTKH, cache_index)
     out_BTNH = layers.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, scale=self.scale,
                                             implementation=self.attention_impl)
     return self.o(out_BTNH), new_cache
@@ -63,7 +60,7 @@ class DecoderBlock(nnx.Module):
     return x_BTD, new_cache
 
 
-class Qwen2Decoder(nnx.Module):
+class Qwen2Decoder(decoder.DecoderStack):
   """The Qwen2 decoder with its embedding and LM head.
 
   `__call__` returns the final (normed) hidden states so that log-probs can be computed in
@@ -72,30 +69,14 @@ class Qwen2Decoder(nnx.Module):
 
   def __init__(self, cfg: Qwen2TextConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                attention_impl: str | None = None):
-    self.config = cfg
-    init = jax.nn.initializers.normal(0.02)
-    self.embed_tokens = layers.param(rngs, init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                                     param_dtype)
-    self.layers = nnx.List([DecoderBlock(cfg, rngs=rngs, dtype=param_dtype, attention_impl=attention_impl)
-                            for _ in range(cfg.num_layers)])
-    self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, dtype=param_dtype)
-    if cfg.tie_word_embeddings:
-      self.lm_head = None
-    else:
-      self.lm_head = layers.param(rngs, init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                                  param_dtype)
+    self.init_stack(
+        cfg, lambda _: DecoderBlock(cfg, rngs=rngs, dtype=param_dtype, attention_impl=attention_impl),
+        lambda: layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, dtype=param_dtype),
+        rngs=rngs, param_dtype=param_dtype)
 
   def embed(self, ids_BT):
     """Token embeddings [B, T, D] in the parameter dtype."""
     return jnp.take(self.embed_tokens[...], ids_BT, axis=0)
-
-  def unembedding(self):
-    """The LM-head matrix [V, D] (the embedding when tied)."""
-    return (self.embed_tokens if self.lm_head is None else self.lm_head)[...]
-
-  def logits(self, h_BTD):
-    """Full logits; for tests and generation only (training uses chunked log-probs)."""
-    return jnp.einsum("BTD,VD->BTV", h_BTD, self.unembedding().astype(h_BTD.dtype))
 
   def __call__(self, *, positions, segment_ids, input_ids=None, inputs_embeds=None, attn_mask=None,
                kv_cache=None, cache_index=None):
@@ -115,30 +96,12 @@ class Qwen2Decoder(nnx.Module):
     Returns:
       (hidden [B, T, D] after the final norm, new kv cache or None).
     """
-    if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError("pass exactly one of input_ids and inputs_embeds")
-    x_BTD = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+    x_BTD = decoder.embed_or_pass(self, input_ids, inputs_embeds)
     cos_BTH, sin_BTH = layers.rope_cos_sin(
         positions, layers.rope_inv_freq(self.config.head_size, self.config.rope_theta), self.config.mrope_section)
     if attn_mask is None:
       attn_mask = layers.attention_mask(segment_ids, segment_ids)
-    new_cache = [] if kv_cache is not None else None
-    for i, block in enumerate(self.layers):
-      layer_cache = None if kv_cache is None else kv_cache[i]
-      x_BTD, c = block(x_BTD, cos_BTH, sin_BTH, attn_mask, layer_cache, cache_index)
-      x_BTD = layers.constrain_batch(x_BTD)  # keep rows split over the batch axes
-      if new_cache is not None:
-        new_cache.append(c)
-    return self.norm(x_BTD), new_cache
-
-  def hidden_states(self, inputs: dict):
-    """The model-family-neutral entry used by DPO/SFT steps: inputs dict -> hidden [B, T, D].
-
-    Keys: `input_ids`, `positions`, `segment_ids` (all int [B, T]).
-    """
-    h_BTD, _ = self(input_ids=inputs["input_ids"], positions=inputs["positions"],
-                    segment_ids=inputs["segment_ids"])
-    return h_BTD
+    return self.run_blocks(x_BTD, lambda _: (cos_BTH, sin_BTH, attn_mask), kv_cache, cache_index)
 
   # --------------------------------------------------------------------------------------------
   # Generation protocol (see `jaxdpo.generation.decode`): left-padded prompts, a preallocated KV cache.

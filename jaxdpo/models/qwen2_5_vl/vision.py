@@ -104,6 +104,7 @@ class VisionAttention(nnx.Module):
     self.scale = h ** -0.5
     self.attention_impl = attention_impl
 
+  @layers.scoped("attention")
   def __call__(self, x_BPD, cos_BPH, sin_BPH, mask_BPP):
     qkv = self.qkv(x_BPD)
     # The rotation runs in fp32 whatever the compute dtype, as in transformers.
@@ -166,6 +167,7 @@ class VisionTower(nnx.Module):
                             for _ in range(cfg.depth)])
     self.merger = PatchMerger(cfg, rngs=rngs, dtype=param_dtype)
 
+  @layers.scoped("vision_tower")
   def __call__(self, pixel_values, grid_thw, *, return_hidden: bool = False):
     """Encodes packed patches.
 
@@ -193,6 +195,8 @@ class VisionTower(nnx.Module):
     x_BPD = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))
     for i, block in enumerate(self.blocks):
       mask = full_mask if i in cfg.fullatt_block_indexes else window_mask
-      x_BPD = block(x_BPD, cos_BPH, sin_BPH, mask)
-    merged_BGO = self.merger(x_BPD)
+      with jax.named_scope(f"block_{i}"):
+        x_BPD = block(x_BPD, cos_BPH, sin_BPH, mask)
+    with jax.named_scope("merger"):
+      merged_BGO = self.merger(x_BPD)
     return (merged_BGO, x_BPD) if return_hidden else merged_BGO

@@ -29,6 +29,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdpo.models import decoder
 from jaxdpo.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from jaxdpo.models.qwen2_5_vl.model import Qwen2Decoder, text_positions
 from jaxdpo.models.qwen2_5_vl.vision import VisionTower
@@ -69,7 +70,7 @@ def splice_images_by_row(x_BTD, features_RGO, vision_row_B, image_mask_BT):
   return jnp.where(image_mask_BT[..., None], features_BTO.astype(x_BTD.dtype), x_BTD)
 
 
-class Qwen2_5_VL(nnx.Module):
+class Qwen2_5_VL(decoder.LanguageModelHead, nnx.Module):
   """`Qwen2_5_VLForConditionalGeneration` without the loss: hidden states, logits, generation."""
 
   def __init__(self, cfg: Qwen2_5_VLConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
@@ -111,24 +112,10 @@ class Qwen2_5_VL(nnx.Module):
                                    inputs_embeds=self.embed(inputs))
     return h_BTD
 
-  def unembedding(self):
-    """The LM-head matrix [V, D] (the embedding when tied)."""
-    return self.language_model.unembedding()
-
-  def logits(self, h_BTD):
-    """Full logits; for tests and generation only (training uses chunked log-probs)."""
-    return self.language_model.logits(h_BTD)
-
-  # Generation protocol: the cache is the decoder's; `next_positions` carries rope_deltas implicitly
-  # (it is the last prompt position + 1 on every stream, exactly what transformers' generate uses).
-
-  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
-    return self.language_model.init_cache(batch_size, max_len, dtype)
+  # Head and generation: the decoder's (`decoder.LanguageModelHead`). Its `next_positions` carries
+  # rope_deltas implicitly (the last prompt position + 1 on every stream, what transformers' generate uses).
 
   def prefill(self, inputs: dict, cache: dict):
     """Left-padded prompts with images -> (fp32 logits [B, V] at the last position, cache)."""
     return self.language_model.prefill_embeds(self.embed(inputs), self._positions(inputs), inputs["segment_ids"],
                                               cache)
-
-  def decode(self, tokens_B, cache: dict):
-    return self.language_model.decode(tokens_B, cache)
