@@ -65,7 +65,7 @@ def pair_logps(graphdef, params, batch, cfg: StepConfig):
 
 def softcap(cfg: StepConfig, model):
   """The final-logit soft cap: the step's override, else what the model applies in `logits`."""
-  return cfg.logit_softcap if cfg.logit_softcap is not None else getattr(model, "logit_softcap", None)
+  return logprobs.resolve_softcap(cfg.logit_softcap, model)
 
 
 def loss_terms(params, ref_params, batch, graphdef, cfg: StepConfig, n_pairs, n_chosen_tokens):

@@ -64,3 +64,9 @@ def completion_logps(h_BTD, w_VD, input_ids_BT, loss_mask_BT, *, chunk_size: int
   lp_BT = token_logps(h_BTD[:, :-1], w_VD, targets_BT, chunk_size=chunk_size, logit_softcap=logit_softcap)
   lp_BT = lp_BT * mask_BT
   return lp_BT.sum(-1), lp_BT, mask_BT.sum(-1)
+
+
+def resolve_softcap(override: float | None, model) -> float | None:
+  """The final-logit soft cap to train with: an explicit override, else what the model's own
+  `logits` applies (its `logit_softcap`, None for families without one)."""
+  return override if override is not None else getattr(model, "logit_softcap", None)

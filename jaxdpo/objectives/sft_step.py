@@ -31,15 +31,16 @@ class SFTStepConfig:
 
 
 def nll_terms(params, batch, graphdef, *, compute_dtype, chunk_size: int, logit_softcap, n_tokens):
-  # `logit_softcap` None means: whatever the model applies (see dpo.step.softcap).
-  """This micro-batch's share of the token-mean NLL (normalised by the global token count)."""
+  """This micro-batch's share of the token-mean NLL (normalised by the global token count).
+
+  `logit_softcap` None means: whatever the model applies (`logprobs.resolve_softcap`).
+  """
   params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
   model = nnx.merge(graphdef, params)
   h_BTD = model.hidden_states(step_inputs.seq_inputs(batch))
   seq, _, counts = logprobs.completion_logps(h_BTD, model.unembedding(), batch["input_ids"], batch["loss_mask"],
                                              chunk_size=chunk_size,
-                                             logit_softcap=logit_softcap if logit_softcap is not None else
-                                             getattr(model, "logit_softcap", None))
+                                             logit_softcap=logprobs.resolve_softcap(logit_softcap, model))
   nll = -seq.sum()
   return nll / jnp.maximum(n_tokens, 1.0), {"tokens": counts.sum()}
 

@@ -62,7 +62,14 @@ class VisionAdapter:
     self.tokenizer_dir = tokenizer_dir
     self.requested = Budget(int(data_cfg.max_images), int(data_cfg.max_patches))
     self.budget: Budget | None = None
+    self.image_token_id = model_cfg.image_token_id
     load_chat_template(tok, tokenizer_dir)
+
+  def preprocessor_dir(self) -> str | None:
+    """The tokenizer directory when it holds a preprocessor_config.json (the image processor's
+    settings), else None: the family's image processor then takes the model's own values."""
+    found = bool(self.tokenizer_dir) and os.path.isfile(os.path.join(self.tokenizer_dir, "preprocessor_config.json"))
+    return self.tokenizer_dir if found else None
 
   # ---- per family ----------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ Text positions stay 1D ([B, 2, T] or [B, T]), as for the text model.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,7 +29,6 @@ class Gemma3Adapter(VisionAdapter):
 
   def __init__(self, model_cfg, tok, tokenizer_dir: str, data_cfg):
     super().__init__(model_cfg, tok, tokenizer_dir, data_cfg)
-    self.image_token_id = model_cfg.image_token_id
     self.placeholder_token = self.token_string(model_cfg.boi_token_id, "begin-of-image")
     self._eoi = self.token_string(model_cfg.eoi_token_id, "end-of-image")
     self._image = self.token_string(model_cfg.image_token_id, "image")
@@ -38,8 +36,8 @@ class Gemma3Adapter(VisionAdapter):
 
   def _image_processor(self):
     side = self.model_cfg.vision.image_size
-    from_dir = bool(self.tokenizer_dir) and os.path.isfile(os.path.join(self.tokenizer_dir, "preprocessor_config.json"))
-    proc = (images_lib.gemma3_image_processor(self.tokenizer_dir) if from_dir else
+    from_dir = self.preprocessor_dir()
+    proc = (images_lib.gemma3_image_processor(from_dir) if from_dir else
             images_lib.gemma3_image_processor(size={"height": side, "width": side}))
     size = (proc.size["height"], proc.size["width"])
     if size != (side, side):
@@ -57,10 +55,7 @@ class Gemma3Adapter(VisionAdapter):
     return f"\n\n{self.placeholder_token}{self._image * num_tokens}{self._eoi}\n\n"
 
   def measure(self, path: str) -> tuple[int, int]:
-    pil, name = images_lib.load_image(path)
-    width, height = pil.size
-    if min(width, height) < 1:
-      raise images_lib.ImageError(f"{name}: empty image ({width}x{height})")
+    images_lib.image_size(*images_lib.load_image(path))
     return self.model_cfg.mm_tokens_per_image, 1
 
   def collate(self, examples: Sequence, text: dict, *, pairs: bool) -> dict:

@@ -29,10 +29,28 @@ def load_image(image, name: str | None = None) -> tuple[Image.Image, str]:
     raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
 
 
+def image_size(pil: Image.Image, name: str) -> tuple[int, int]:
+  """(width, height) of an image, refusing an empty one by name."""
+  width, height = pil.size
+  if min(width, height) < 1:
+    raise ImageError(f"{name}: empty image ({width}x{height})")
+  return width, height
+
+
 # ----------------------------------------------------------------------------------------------
 # Qwen2-VL / Qwen2.5-VL (Nanonets-OCR2)
 
 QWEN_MAX_ASPECT_RATIO = 200  # transformers' smart_resize refuses anything more elongated
+
+
+def qwen_image_size(pil: Image.Image, name: str) -> tuple[int, int]:
+  """(width, height) of an image Qwen2-VL's processor accepts: not empty, aspect ratio <= 200."""
+  width, height = image_size(pil, name)
+  ratio = max(width, height) / min(width, height)
+  if ratio > QWEN_MAX_ASPECT_RATIO:
+    raise ImageError(f"{name}: aspect ratio {ratio:.1f} ({width}x{height}) exceeds {QWEN_MAX_ASPECT_RATIO}, "
+                     "the most Qwen2-VL's image processor accepts; crop or split the image")
+  return width, height
 
 
 def qwen_image_processor(model_dir: str | None = None, **overrides):
@@ -68,13 +86,7 @@ def qwen_image_inputs(images: Sequence, processor=None, *, names: Sequence[str] 
   pixels, grids = [], []
   for i, image in enumerate(images):
     pil, name = load_image(image, names[i] if names else None)
-    width, height = pil.size
-    if min(width, height) < 1:
-      raise ImageError(f"{name}: empty image ({width}x{height})")
-    ratio = max(width, height) / min(width, height)
-    if ratio > QWEN_MAX_ASPECT_RATIO:
-      raise ImageError(f"{name}: aspect ratio {ratio:.1f} ({width}x{height}) exceeds {QWEN_MAX_ASPECT_RATIO}, "
-                       "the most Qwen2-VL's image processor accepts; crop or split the image")
+    qwen_image_size(pil, name)
     try:
       out = processor(images=[pil.convert("RGB")], return_tensors="np")
     except Exception as e:
@@ -145,9 +157,7 @@ def gemma3_image_inputs(images: Sequence, processor=None, *, do_pan_and_scan: bo
   pixels, crops = [], []
   for i, image in enumerate(images):
     pil, name = load_image(image, names[i] if names else None)
-    width, height = pil.size
-    if min(width, height) < 1:
-      raise ImageError(f"{name}: empty image ({width}x{height})")
+    image_size(pil, name)
     try:
       out = processor(images=[pil.convert("RGB")], return_tensors="np", **call_kwargs)
     except Exception as e:

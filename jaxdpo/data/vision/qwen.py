@@ -17,7 +17,6 @@ Batch arrays (per record, leading batch axis B):
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,7 +34,6 @@ class QwenVLAdapter(VisionAdapter):
 
   def __init__(self, model_cfg, tok, tokenizer_dir: str, data_cfg):
     super().__init__(model_cfg, tok, tokenizer_dir, data_cfg)
-    self.image_token_id = model_cfg.image_token_id
     self.placeholder_token = self.token_string(model_cfg.image_token_id, "image")
     self._start = self.token_string(model_cfg.vision_start_token_id, "vision-start")
     self._end = self.token_string(model_cfg.vision_end_token_id, "vision-end")
@@ -44,8 +42,8 @@ class QwenVLAdapter(VisionAdapter):
   def _image_processor(self):
     v = self.model_cfg.vision
     want = dict(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size)
-    from_dir = bool(self.tokenizer_dir) and os.path.isfile(os.path.join(self.tokenizer_dir, "preprocessor_config.json"))
-    proc = images_lib.qwen_image_processor(self.tokenizer_dir if from_dir else None, **({} if from_dir else want))
+    from_dir = self.preprocessor_dir()
+    proc = images_lib.qwen_image_processor(from_dir, **({} if from_dir else want))
     wrong = {k: (getattr(proc, k), w) for k, w in want.items() if getattr(proc, k) != w}
     if wrong:
       raise DataError(f"{self.tokenizer_dir}/preprocessor_config.json disagrees with the model's vision tower: "
@@ -60,13 +58,7 @@ class QwenVLAdapter(VisionAdapter):
 
   def measure(self, path: str) -> tuple[int, int]:
     pil, name = images_lib.load_image(path)
-    width, height = pil.size
-    if min(width, height) < 1:
-      raise images_lib.ImageError(f"{name}: empty image ({width}x{height})")
-    ratio = max(width, height) / min(width, height)
-    if ratio > images_lib.QWEN_MAX_ASPECT_RATIO:
-      raise images_lib.ImageError(f"{name}: aspect ratio {ratio:.1f} ({width}x{height}) exceeds "
-                                  f"{images_lib.QWEN_MAX_ASPECT_RATIO}, the most Qwen2-VL's image processor accepts")
+    width, height = images_lib.qwen_image_size(pil, name)
     try:
       patches = int(self.processor.get_number_of_image_patches(height, width))
     except Exception as e:  # transformers' smart_resize raises ValueError for unusable sizes
