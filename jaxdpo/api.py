@@ -98,7 +98,8 @@ def model_inputs(family: str, tokenizer, texts: str | Sequence, images=None, *, 
     if not row:
       raise ValueError(f"prompt {i} tokenizes to nothing")
     ids.append(row)
-  batch = pipeline.collate_prompts_left(ids, length=length or max(map(len, ids)), pad_id=tokenize.pad_id(tokenizer))
+  pad = tokenize.pad_token_id(tokenizer)
+  batch = pipeline.collate_prompts_left(ids, length=length or max(map(len, ids)), pad_id=pad)
   seg = batch["segment_ids"]
   batch["positions"] = np.where(seg > 0, np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
   return batch
@@ -173,7 +174,7 @@ def preference_batch(tokenizer, pairs: Sequence[dict], *, max_length: int, use_c
     record = records.Record(where=f"pair {i}", fields=dict(fields))
     tokenized.append(tokenize.tokenize_preference(tokenizer, record, max_length=max_length, truncation=truncation,
                                                   use_chat_template=use_chat_template))
-  return pipeline.collate_pairs(tokenized, max_length=max_length, pad_id=tokenize.pad_id(tokenizer))
+  return pipeline.collate_pairs(tokenized, max_length=max_length, pad_id=tokenize.pad_token_id(tokenizer))
 
 
 @nnx.jit
