@@ -62,11 +62,11 @@ def test_padded_image_slots_and_image_embeds(vlm_pair):
   base = np.asarray(_logits(model, dict(input_ids=ids, segment_ids=seg, positions=pos, pixel_values=pixels)))
   padded = np.concatenate([pixels, np.zeros_like(pixels[:2])])
   out = np.asarray(_logits(model, dict(input_ids=ids, segment_ids=seg, positions=pos, pixel_values=padded)))
-  np.testing.assert_allclose(out, base, rtol=0, atol=1e-5)
+  assert H.rel_err(out, base) <= 1e-5  # relative to max|logit|; a bare atol ignores the logits' scale
   embeds = nnx.jit(lambda m, p: m.encode_images(p))(model, pixels)
   assert embeds.shape == (3, 9, 45)
   out = np.asarray(_logits(model, dict(input_ids=ids, segment_ids=seg, positions=pos, image_embeds=embeds)))
-  np.testing.assert_allclose(out, base, rtol=0, atol=1e-5)
+  assert H.rel_err(out, base) <= 1e-5
 
 
 def test_image_index_shares_images_between_rows(vlm_pair):
@@ -82,7 +82,9 @@ def test_image_index_shares_images_between_rows(vlm_pair):
   base = np.asarray(_logits(model, dict(input_ids=ids, segment_ids=seg, positions=pos, pixel_values=copies)))
   shared = dict(input_ids=ids, segment_ids=seg, positions=pos, pixel_values=pixels,
                 image_index=np.array([0, 0, 1, 2, 1, 2, 0, 0], np.int32))  # padded to 8 runs
-  np.testing.assert_allclose(np.asarray(_logits(model, shared)), base, rtol=0, atol=1e-5)
+  # Relative to max|logit|: a bare atol of 1e-5 failed on 8 of 47664 fp32 logits (max abs difference
+  # 1.14e-5), since the vision tower encodes a different batch of images and the sums round differently.
+  assert H.rel_err(np.asarray(_logits(model, shared)), base) <= 1e-5
   wrong = dict(shared, image_index=np.array([0, 0, 2, 1, 1, 2, 0, 0], np.int32))
   assert np.abs(np.asarray(_logits(model, wrong)) - base).max() > 1e-3
 
