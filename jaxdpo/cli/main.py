@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxdpo.errors import ConfigError, UserError
-from jaxdpo.jobs import validate
+from jaxdpo.jobs import resume_config, validate
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:arg]).",
@@ -57,6 +57,7 @@ def run(config, workdir: str):
   """Dispatches `config.job`; returns what the job returns."""
   # Every value checked before any data is read or model built: a typo costs a second, not a compile.
   validate.check(config)
+  resume_config.check(config, workdir)  # before config.json is overwritten with the new config
   table = _job_table()
   if config.job not in table:
     raise ConfigError(f"unknown config.job={config.job!r}; known jobs: {sorted(table)}")
@@ -82,7 +83,10 @@ def main(argv):
     import jax
     if jax.process_index() != 0:
       logging.getLogger().setLevel(logging.WARNING)  # progress is logged once, by process 0
-  exit_on_user_error(lambda: run(_CONFIG.value, _WORKDIR.value))
+  try:
+    exit_on_user_error(lambda: run(_CONFIG.value, _WORKDIR.value))
+  except KeyboardInterrupt:
+    sys.exit(130)  # a second Ctrl-C; the loop has said what was (not) saved
 
 
 def exit_on_user_error(fn):

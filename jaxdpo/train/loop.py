@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -37,29 +38,43 @@ class LoopSpec:
   degeneration_fn: Callable | None = None  # (params) -> {"eval/degeneration_rate", ...}, every
                                            # train.degeneration_eval_every steps
   desc: str = "train"
+  outcome: dict = dataclasses.field(default_factory=dict)  # set by run_loop: step, reason, checkpoint
 
 
 class PreemptionGuard:
-  """Turns SIGTERM (TPU maintenance, SLURM preemption) into a checkpoint at the next step boundary."""
+  """Turns SIGTERM (TPU maintenance, SLURM preemption) and Ctrl-C into a checkpoint at the next step boundary.
+
+  The first SIGINT or SIGTERM only sets a flag: the step in flight finishes, the state is saved,
+  and the loop exits. A second Ctrl-C raises KeyboardInterrupt at once (nothing more is saved).
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._old = None
+    self.signal_name = ""
+    self._old = {}
 
   def __enter__(self):
     def handler(signum, frame):
       del frame
-      log.warning("received signal %d: checkpointing at the next step boundary, then exiting", signum)
+      if self.requested and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # the second Ctrl-C: abort now
       self.requested = True
-    try:
-      self._old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. under some test runners)
-      self._old = None
+      self.signal_name = signal.Signals(signum).name
+      print(f"{self.signal_name} received: saving a checkpoint at the end of this step, then exiting "
+            "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+    for sig in self.SIGNALS:
+      try:
+        self._old[sig] = signal.signal(sig, handler)
+      except ValueError:  # not the main thread (e.g. under some test runners)
+        pass
     return self
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old = {}
 
   def agreed(self) -> bool:
     """Whether any process was asked to stop; every process gets the same answer.
@@ -89,7 +104,12 @@ def init_opt_state(tx, params, mesh):
 
 
 def run_loop(config, workdir: str, mesh, spec: LoopSpec) -> dict:
-  """Runs steps until `train.num_steps` (or `train.stop_at_step`, or SIGTERM). Returns last metrics."""
+  """Runs steps until `train.num_steps` (or `train.stop_at_step`, SIGTERM or Ctrl-C). Returns last metrics.
+
+  Sets `spec.state` to the final state and `spec.outcome` to {"step", "reason", "checkpoint"}:
+  reason is "finished", "stop_at_step" or the signal's name. Every stop prints one line saying
+  what was saved.
+  """
   tcfg = config.train
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tcfg.max_to_keep,
                                        save_every=tcfg.ckpt_every)
@@ -108,49 +128,92 @@ def run_loop(config, workdir: str, mesh, spec: LoopSpec) -> dict:
   writer = metrics_writer.MetricsWriter(workdir, resume_step=start, tensorboard=tcfg.tensorboard)
   show = tcfg.progress and jax.process_index() == 0
   bar = tqdm(total=tcfg.num_steps, initial=start, desc=spec.desc, disable=not show, dynamic_ncols=True)
-  last = {}
-  durations: list[float] = []
-  with PreemptionGuard() as guard:
-    step = start
-    while step < end:
-      t0 = time.perf_counter()
-      batch = shd.put_batch(next(spec.iterator), mesh)
-      state, metrics = spec.step_fn(state, spec.ref, batch)
-      if tcfg.straggler_factor > 0:
-        # Per-step timing needs the step to finish; the cost is one host sync per step.
-        jax.block_until_ready(metrics)
-      step += 1
-      want_log = step % tcfg.log_every == 0 or step == end
-      # Held-out data is always scored at the end of the run; eval_every adds evals on the way.
-      want_eval = spec.eval_fn is not None and (step == end or _due(step, end, tcfg.eval_every))
-      want_degen = spec.degeneration_fn is not None and _due(step, end, tcfg.degeneration_eval_every)
-      if want_log or want_eval or want_degen:
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if want_eval:
-          last.update(spec.eval_fn(state["params"]))
-        if want_degen:
-          last.update(spec.degeneration_fn(state["params"]))
-        writer.write(step, last)
-        bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "rewards/accuracies") if k in last})
-        if not show and jax.process_index() == 0:
-          log.info("step %d: %s", step, {k: round(v, 5) for k, v in last.items()})
-      if step == tcfg.debug_sigterm_step and jax.process_index() == jax.process_count() - 1:
-        os.kill(os.getpid(), signal.SIGTERM)  # test hook: a real SIGTERM, to the last process only
-      preempted = guard.agreed()
-      stop = preempted or step == end
-      if checkpointer.should_save(step) or stop:
-        checkpointer.save(step, state, spec.iterator.get_state(), force=True)
-      if tcfg.straggler_factor > 0 and step > start + 2:  # the first steps include compilation
-        _straggler_check(durations, time.perf_counter() - t0, step, tcfg.straggler_factor)
-      bar.update(1)
-      if preempted:
-        log.warning("checkpoint at step %d saved after SIGTERM; exiting", step)
-        break
+  run = _Progress(step=start, saved=latest, state=state)
+  try:
+    with PreemptionGuard() as guard:
+      _run_steps(config, mesh, spec, run, checkpointer, writer, bar, guard, end, show)
+  except KeyboardInterrupt:
+    bar.close()
+    where = f"step {run.saved} in {checkpointer.directory}" if run.saved is not None else "none"
+    _say(f"aborted by a second Ctrl-C during step {run.step + 1}: nothing more was saved; the latest complete "
+         f"checkpoint is {where}")
+    raise
   bar.close()
   checkpointer.close()
   writer.close()
-  spec.state = state
-  return last
+  spec.state = run.state
+  path = os.path.join(checkpointer.directory, str(run.saved)) if run.saved is not None else None
+  spec.outcome = {"step": run.step, "reason": run.reason, "checkpoint": path}
+  if run.reason == "finished":
+    _say(f"finished at step {run.step}: checkpoint saved to {path}")
+  elif run.reason == "stop_at_step":
+    _say(f"stopped at config.train.stop_at_step={run.step}: checkpoint saved to {path}; "
+         "re-run without stop_at_step to continue")
+  else:
+    _say(f"stopped by {run.reason} after step {run.step}: checkpoint saved to {path}; "
+         "re-run the same command to resume")
+  return run.last
+
+
+@dataclasses.dataclass
+class _Progress:
+  """Where the loop is: the last step run and saved, the state, the last logged metrics, why it stopped."""
+
+  step: int
+  saved: int | None
+  state: dict
+  last: dict = dataclasses.field(default_factory=dict)
+  reason: str = "finished"
+
+
+def _say(line: str):
+  """One line for the user on stderr (process 0 only), next to the progress bar."""
+  if jax.process_index() == 0:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _run_steps(config, mesh, spec: LoopSpec, run: _Progress, checkpointer, writer, bar, guard, end: int, show: bool):
+  tcfg = config.train
+  start = run.step
+  durations: list[float] = []
+  while run.step < end:
+    t0 = time.perf_counter()
+    batch = shd.put_batch(next(spec.iterator), mesh)
+    run.state, metrics = spec.step_fn(run.state, spec.ref, batch)
+    if tcfg.straggler_factor > 0:
+      # Per-step timing needs the step to finish; the cost is one host sync per step.
+      jax.block_until_ready(metrics)
+    run.step += 1
+    step = run.step
+    want_log = step % tcfg.log_every == 0 or step == end
+    # Held-out data is always scored at the end of the run; eval_every adds evals on the way.
+    want_eval = spec.eval_fn is not None and (step == end or _due(step, end, tcfg.eval_every))
+    want_degen = spec.degeneration_fn is not None and _due(step, end, tcfg.degeneration_eval_every)
+    if want_log or want_eval or want_degen:
+      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if want_eval:
+        last.update(spec.eval_fn(run.state["params"]))
+      if want_degen:
+        last.update(spec.degeneration_fn(run.state["params"]))
+      writer.write(step, last)
+      run.last = last
+      bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "rewards/accuracies") if k in last})
+      if not show and jax.process_index() == 0:
+        log.info("step %d: %s", step, {k: round(v, 5) for k, v in last.items()})
+    if step == tcfg.debug_sigterm_step and jax.process_index() == jax.process_count() - 1:
+      os.kill(os.getpid(), signal.SIGTERM)  # test hook: a real SIGTERM, to the last process only
+    preempted = guard.agreed()
+    if checkpointer.should_save(step) or preempted or step == end:
+      checkpointer.save(step, run.state, spec.iterator.get_state(), force=True)
+      run.saved = step
+    if tcfg.straggler_factor > 0 and step > start + 2:  # the first steps include compilation
+      _straggler_check(durations, time.perf_counter() - t0, step, tcfg.straggler_factor)
+    bar.update(1)
+    if preempted:
+      run.reason = guard.signal_name or "a signal on another host"
+      return
+  if end < tcfg.num_steps:
+    run.reason = "stop_at_step"
 
 
 def _due(step: int, end: int, every: int) -> bool:
