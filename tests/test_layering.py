@@ -29,7 +29,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = {
     "cli": 3, "main": 3, "convert": 3, "bench": 3, "api": 3,
     "jobs": 2,
-    "train": 1, "objectives": 1, "data": 1, "generation": 1,
+    "train": 1, "objectives": 1, "data": 1, "generation": 1, "demo": 1,
     "models": 0, "parallel": 0, "errors": 0, "assets": 0,
 }
 MODELS_MAY_IMPORT = ("jaxdpo.models", "jaxdpo.parallel.sharding", "jaxdpo.errors")

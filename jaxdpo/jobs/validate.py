@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from jaxdpo.errors import ConfigError
 
-JOBS = ("dpo", "sft", "eval", "mine")
+JOBS = ("dpo", "sft", "eval", "mine", "demo")
 DTYPES = ("float32", "bfloat16")
 TRUNCATION = ("keep_end", "keep_start", "off")
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")

@@ -13,6 +13,8 @@ Presets and where their numbers come from:
   * `nanonets_ocr2_3b`: nanonets/Nanonets-OCR2-3B, a full fine-tune of Qwen2.5-VL-3B with the
     same architecture and shapes (its config.json declares `Qwen2_5_VLForConditionalGeneration`).
   * `tiny`, `tiny_vl`: deliberately odd sizes for tests.
+  * `demo_vl`: the built-in OCR study (jaxdpo/demo): 64 ids (its tokenizer's), 8-px glyph cells
+    = one merged vision token (patch 4, merge 2), small enough to train on two CPU cores.
 """
 
 from __future__ import annotations
@@ -179,5 +181,17 @@ def tiny_vl() -> Qwen2_5_VLConfig:
                           vision_start_token_id=322, vision_end_token_id=323)
 
 
+def demo_vl() -> Qwen2_5_VLConfig:
+  """The demo's reader: vision ids 60-63 and vocabulary 64 match `jaxdpo.demo.tokenizer`."""
+  text = Qwen2TextConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         intermediate_size=128, rope_theta=10_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         mrope_section=(4, 2, 2), eos_token_id=2, pad_token_id=0)
+  vision = VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                        patch_size=4, temporal_patch_size=2, spatial_merge_size=2, window_size=16,
+                        fullatt_block_indexes=(1,), tokens_per_second=2)
+  return Qwen2_5_VLConfig(text=text, vision=vision, image_token_id=60, video_token_id=61,
+                          vision_start_token_id=62, vision_end_token_id=63)
+
+
 PRESETS = {"tiny": tiny, "qwen2_5_3b_text": qwen2_5_3b_text}
-VL_PRESETS = {"tiny_vl": tiny_vl, "qwen2_5_vl_3b": qwen2_5_vl_3b, "nanonets_ocr2_3b": nanonets_ocr2_3b}
+VL_PRESETS = {"tiny_vl": tiny_vl, "demo_vl": demo_vl, "qwen2_5_vl_3b": qwen2_5_vl_3b, "nanonets_ocr2_3b": nanonets_ocr2_3b}
