@@ -12,6 +12,7 @@ from jaxdpo.jobs import model_setup
 from jaxdpo.train import optim
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.train import loop as train
+from jaxdpo.train import update
 from jaxdpo.data import pipeline
 from jaxdpo.jobs import dpo as dpo_job
 from jaxdpo.objectives import dpo_step as step_lib
@@ -28,8 +29,9 @@ def _temp_bytes(sizes, monkeypatch=None):
   bundle = model_setup.setup_model(config.model, mesh, shd.DEFAULT_RULES, seed=0)
   tx, schedule = optim.make_optimizer(config.optim, 10)
   state = train.init_state(bundle, tx, mesh)
-  step_fn = step_lib.make_train_step(bundle.graphdef, tx, dpo_job.step_config(config, bundle.config), mesh,
-                                     jax.tree.map(lambda x: x.sharding, state), bundle.param_shardings, schedule)
+  scfg = dpo_job.step_config(config, bundle.family)
+  step_fn = update.make_train_step(step_lib.objective(bundle.graphdef, scfg), tx, mesh,
+                                   jax.tree.map(lambda x: x.sharding, state), bundle.param_shardings, schedule, grad_accum=scfg.grad_accum)
   compiled = step_fn.lower(state, bundle.params, batch).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 

@@ -156,12 +156,7 @@ RULES = {"order": order_violations, "rule1": rule1_violations, "rule2": rule2_vi
          "rule3": rule3_violations, "rule4": rule4_violations}
 
 
-# Rules still broken on the way to issue 9's layering; strict, so a fix must drop the mark.
-PENDING = {"order", "rule2", "rule3"}
-
-
-@pytest.mark.parametrize("rule", [pytest.param(r, marks=pytest.mark.xfail(strict=True, reason="being fixed"))
-                                  if r in PENDING else r for r in sorted(RULES)])
+@pytest.mark.parametrize("rule", sorted(RULES))
 def test_repository_obeys(rule):
   found = RULES[rule](REPO, imports(REPO))
   assert not found, f"{rule} broken:\n" + "\n".join(found)

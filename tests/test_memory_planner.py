@@ -15,6 +15,7 @@ from jaxdpo.jobs import model_setup
 from jaxdpo.train import optim
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.train import loop as train
+from jaxdpo.train import update
 from jaxdpo.data import pipeline
 from jaxdpo.jobs import dpo as dpo_job
 from jaxdpo.objectives import dpo_step as step_lib
@@ -66,7 +67,7 @@ def test_full_size_plan_is_exact_and_allocates_nothing(name, caplog):
   rules = model_setup.parse_rules(config.sharding_rules)
   live_before = len(jax.live_arrays())
   with caplog.at_level(logging.INFO, logger="jaxdpo"):
-    plan = memory.report_and_check(memory.plan_dpo(config, mesh, rules), -1.0)
+    plan = memory.report_and_check(memory.plan_dpo(dpo_job.memory_run(config), mesh, rules), -1.0)
   assert len(jax.live_arrays()) == live_before  # shapes only: no device buffer was created
   assert plan.source == "eval_shape"
 
@@ -88,7 +89,7 @@ def test_refuses_what_cannot_fit_and_says_what_helps():
   config = _config("qwen2_5_vl_3b_dpo")
   config.mesh.data, config.mesh.fsdp = 8, 1  # pure data parallelism: every device holds everything
   mesh = shd.make_mesh(config.mesh)
-  plan = memory.plan_dpo(config, mesh, model_setup.parse_rules(config.sharding_rules))
+  plan = memory.plan_dpo(dpo_job.memory_run(config), mesh, model_setup.parse_rules(config.sharding_rules))
   assert plan.params == 4 * PUBLISHED["qwen2_5_vl_3b_dpo"]
   with pytest.raises(memory.MemoryPlanError) as e:
     memory.report_and_check(plan, 16.0)  # a v5e chip
@@ -110,15 +111,16 @@ def test_compiled_plan_matches_xla_argument_accounting():
   config = demo_config(**{"train.batch_size": 8, "mesh.data": 2, "mesh.fsdp": 4, "model.preset": "tiny"})
   mesh = shd.make_mesh(config.mesh)
   rules = shd.DEFAULT_RULES
-  plan = memory.plan_dpo(config, mesh, rules)
+  plan = memory.plan_dpo(dpo_job.memory_run(config), mesh, rules)
   bundle = model_setup.setup_model(config.model, mesh, rules, seed=0)
   ref = jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p), out_shardings=bundle.param_shardings)(bundle.params)
   tx, schedule = optim.make_optimizer(config.optim, 10)
   state = train.init_state(bundle, tx, mesh)
   assert memory.per_device_bytes(state["params"]) == plan.params  # abstract bytes == real shard bytes
   assert memory.per_device_bytes(state["opt_state"]) == plan.opt_state
-  step_fn = step_lib.make_train_step(bundle.graphdef, tx, dpo_job.step_config(config, bundle.config), mesh,
-                                     jax.tree.map(lambda x: x.sharding, state), bundle.param_shardings, schedule)
+  scfg = dpo_job.step_config(config, bundle.family)
+  step_fn = update.make_train_step(step_lib.objective(bundle.graphdef, scfg), tx, mesh,
+                                   jax.tree.map(lambda x: x.sharding, state), bundle.param_shardings, schedule, grad_accum=scfg.grad_accum)
   tok = tokenizer()
   examples = dpo_job.tokenize_preferences(config.data.train, tok, config, desc="t")[:1]
   sample = pipeline.collate_pairs(examples, max_length=config.data.max_length, pad_id=tok.pad_token_id)

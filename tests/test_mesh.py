@@ -8,6 +8,7 @@ from jaxdpo.jobs import model_setup
 from jaxdpo.train import optim
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.train import loop as train
+from jaxdpo.train import update
 from jaxdpo.data import pipeline
 from jaxdpo.jobs import dpo as dpo_job
 from jaxdpo.objectives import dpo_step as step_lib
@@ -28,8 +29,9 @@ def _run(mesh_sizes, steps=2, grad_accum=1):
   state = {"step": train.scalar_state(0, mesh), "params": bundle.params,
            "opt_state": train.init_opt_state(tx, bundle.params, mesh)}
   state_sh = jax.tree.map(lambda x: x.sharding, state)
-  step_fn = step_lib.make_train_step(bundle.graphdef, tx, dpo_job.step_config(config, bundle.config), mesh,
-                                     state_sh, bundle.param_shardings, schedule)
+  scfg = dpo_job.step_config(config, bundle.family)
+  step_fn = update.make_train_step(step_lib.objective(bundle.graphdef, scfg), tx, mesh,
+                                   state_sh, bundle.param_shardings, schedule, grad_accum=scfg.grad_accum)
   losses = []
   for _ in range(steps):
     state, metrics = step_fn(state, ref, shd.put_batch(batch, mesh))

@@ -21,6 +21,7 @@ from jaxdpo.data.tokenize import TokenizedPair
 from jaxdpo.objectives import dpo_losses as losses
 from jaxdpo.objectives import dpo_step as step_lib
 from jaxdpo.models import io
+from jaxdpo.train import update
 from tests._dpo_helpers import tiny_qwen2_hf, tokenizer
 
 PAIRS = [
@@ -69,7 +70,7 @@ def _our_batch(trainer):
 def _our_metrics(graphdef, params, batch, loss_cfg):
   cfg = step_lib.StepConfig(loss=loss_cfg, logprob_chunk=5)  # a chunk that does not divide T
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  _, metrics, _ = step_lib.accumulate(params, params, batch, graphdef, cfg, with_grad=False)
+  metrics, _ = update.accumulated(step_lib.objective(graphdef, cfg), params, params, batch, 1, with_grad=False)
   return {k: float(v) for k, v in metrics.items()}
 
 
@@ -130,7 +131,7 @@ def _metrics_moved(setup, moved, loss_type, **kw):
 def _ours_moved(graphdef, pparams, ref_params, batch, loss_cfg):
   cfg = step_lib.StepConfig(loss=loss_cfg, logprob_chunk=5)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  _, metrics, _ = step_lib.accumulate(pparams, ref_params, batch, graphdef, cfg, with_grad=False)
+  metrics, _ = update.accumulated(step_lib.objective(graphdef, cfg), pparams, ref_params, batch, 1, with_grad=False)
   return {k: float(v) for k, v in metrics.items()}
 
 
@@ -184,7 +185,7 @@ def test_three_adamw_steps_match_trl(setup, moved):
 
   @jax.jit
   def step(params, opt_state):
-    _, _, grads = step_lib.accumulate(params, ref_params, jbatch, graphdef, cfg, with_grad=True)
+    _, grads = update.accumulated(step_lib.objective(graphdef, cfg), params, ref_params, jbatch, 1, with_grad=True)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 

@@ -15,9 +15,11 @@ import pytest
 import _vision_job_helpers as VH
 from jaxdpo.jobs import defaults as config_defaults
 from jaxdpo.generation import sampling as sampling_run
-from jaxdpo.data import pipeline, records, step_inputs, tokenize
-from jaxdpo.data.vision import adapters as multimodal
+from jaxdpo.data import pipeline, records, tokenize
+from jaxdpo.jobs import common
 from jaxdpo.jobs import dpo as dpo_job
+from jaxdpo.models.gemma3 import batching as gemma3_batching
+from jaxdpo.models.qwen2_5_vl import batching as qwen_batching
 from jaxdpo.jobs import sft as sft_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +48,7 @@ def _config(env, **data):
 
 def _vision(config):
   tok = tokenize.load_tokenizer(config.data.tokenizer)
-  return tok, multimodal.adapter_for(config, tok)
+  return tok, common.vision_adapter(config, tok)
 
 
 def _rewrite(src, dst, line: int, **fields):
@@ -94,7 +96,7 @@ def test_text_model_refuses_image_records(env):
   config = config_defaults.base()
   config.train.progress = False
   tok = tokenize.load_tokenizer(config.data.tokenizer)  # the embedded text tokenizer, family qwen2
-  assert multimodal.adapter_for(config, tok) is None
+  assert common.vision_adapter(config, tok) is None
   with pytest.raises(records.DataError, match=r"prefs.jsonl:1: field 'images': the model has no vision tower"):
     dpo_job.tokenize_preferences(env["prefs"], tok, config, desc="t")
 
@@ -158,11 +160,11 @@ def test_gemma_image_index_follows_pairs():
   # Pairs with 1, 2 and 0 images, two slots per pair.
   batch = {"input_ids": jnp.zeros((3, 2, 4), jnp.int32), "segment_ids": jnp.ones((3, 2, 4), jnp.int32),
            "pixel_values": jnp.zeros((3, 2, 3, 5, 5)), "num_images": jnp.asarray([1, 2, 0], jnp.int32)}
-  out = step_inputs.pair_inputs(batch)
+  out = gemma3_batching.model_inputs(batch, 2)
   assert out["pixel_values"].shape == (6, 3, 5, 5) and out["input_ids"].shape == (6, 4)
   # Runs: c0 -> slot 0; r0 -> slot 0; c1 -> slots 2, 3; r1 -> slots 2, 3; the rest unused (0).
   np.testing.assert_array_equal(out["image_index"], [0, 0, 2, 3, 2, 3] + [0] * 6)
-  seq = step_inputs.seq_inputs({k: v[:, 0] if k in ("input_ids", "segment_ids") else v for k, v in batch.items()})
+  seq = gemma3_batching.model_inputs({k: v[:, 0] if k in ("input_ids", "segment_ids") else v for k, v in batch.items()}, 1)
   np.testing.assert_array_equal(seq["image_index"], [0, 2, 3, 0, 0, 0])
 
 
@@ -170,7 +172,7 @@ def test_qwen_positions_flatten_to_mrope_layout():
   pos = jnp.arange(2 * 2 * 3 * 5).reshape(2, 2, 3, 5)
   batch = {"input_ids": jnp.zeros((2, 2, 5), jnp.int32), "segment_ids": jnp.ones((2, 2, 5), jnp.int32),
            "positions": pos, "pixel_values": jnp.zeros((2, 8, 6)), "image_grid_thw": jnp.zeros((2, 1, 3), jnp.int32)}
-  out = step_inputs.pair_inputs(batch)
+  out = qwen_batching.model_inputs(batch, 2)
   assert out["positions"].shape == (3, 4, 5)
   np.testing.assert_array_equal(out["positions"][:, 3], pos[1, 1])  # row 3 = pair 1, rejected
   np.testing.assert_array_equal(out["vision_row"], [0, 0, 1, 1])

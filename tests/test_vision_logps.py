@@ -23,7 +23,7 @@ import _vision_job_helpers as VH
 from jaxdpo.jobs import defaults as config_defaults
 from jaxdpo.data import pipeline, tokenize
 from jaxdpo.data.vision import images as images_lib
-from jaxdpo.data.vision import adapters as multimodal
+from jaxdpo.jobs import common
 from jaxdpo.jobs import dpo as dpo_job
 from jaxdpo.objectives import dpo_losses as losses
 from jaxdpo.objectives import dpo_step as step_lib
@@ -59,7 +59,7 @@ def setup(request, tmp_path_factory):
   config.model.checkpoint, config.data.tokenizer = ck, os.path.join(ck, "tokenizer")
   config.data.max_length, config.train.progress = 64, False
   tok = tokenize.load_tokenizer(config.data.tokenizer)
-  vision = multimodal.adapter_for(config, tok)
+  vision = common.vision_adapter(config, tok)
   examples = dpo_job.tokenize_preferences(prefs, tok, config, desc="t", vision=vision)
   vision = vision.with_budget(examples)
   batch = pipeline.collate_pairs(examples, max_length=64, pad_id=tok.pad_token_id, vision=vision)
@@ -93,7 +93,7 @@ def _hf_row(setup, proc, record, completion):
 def test_pair_logps_match_transformers(setup, monkeypatch):
   import json
   proc = hf_processor(setup["family"], setup["tok_dir"], monkeypatch)
-  scfg = step_lib.StepConfig(loss=losses.DPOLossConfig())
+  scfg = step_lib.StepConfig(loss=losses.DPOLossConfig(), model_inputs=setup["vision"].family.model_inputs)
   seq, _, counts = jax.jit(lambda p, b: step_lib.pair_logps(setup["graphdef"], p, b, scfg))(setup["params"],
                                                                                            setup["batch"])
   seq = np.asarray(seq)
@@ -133,7 +133,7 @@ def test_vision_tower_runs_once_per_pair(setup, monkeypatch):
     return original(self, pixels, *args, **kwargs)
 
   monkeypatch.setattr(Tower, "__call__", spy)
-  scfg = step_lib.StepConfig(loss=losses.DPOLossConfig())
+  scfg = step_lib.StepConfig(loss=losses.DPOLossConfig(), model_inputs=setup["vision"].family.model_inputs)
   batch = setup["batch"]
   jax.eval_shape(lambda p, b: step_lib.pair_logps(setup["graphdef"], p, b, scfg), setup["params"], batch)
   pairs = batch["input_ids"].shape[0]
@@ -155,7 +155,7 @@ def test_greedy_generation_with_images_matches_transformers(setup):
   new = 6
   tok, config = setup["tok"], setup["config"]
   config.generate.max_prompt_length = 48
-  vision = multimodal.adapter_for(config, tok)
+  vision = common.vision_adapter(config, tok)
   items = sampling_run.load_prompts(setup["prompts"], tok, config, vision)
   model = nnx.merge(setup["graphdef"], setup["params"])
   rows = sampling_run.run_generation(model, tok, items, params=sampling_run.SamplingParams(new), batch_size=4,

@@ -17,8 +17,9 @@ from jaxdpo.jobs import model_setup
 from jaxdpo.train import optim
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.train import loop as train
+from jaxdpo.train import update
 from jaxdpo.data import pipeline, tokenize
-from jaxdpo.data.vision import adapters as multimodal
+from jaxdpo.jobs import common
 from jaxdpo.jobs import dpo as dpo_job
 from jaxdpo.objectives import dpo_step as step_lib
 from jaxdpo.jobs import sft as sft_job
@@ -41,7 +42,7 @@ def data(request, tmp_path_factory):
   c.data.tokenizer, c.data.max_length, c.train.progress = tok_dir, 64, False
   c.optim.lr, c.optim.warmup_steps, c.train.batch_size = 1e-3, 0, 4
   tok = tokenize.load_tokenizer(tok_dir)
-  vision = multimodal.adapter_for(c, tok)
+  vision = common.vision_adapter(c, tok)
   pairs = dpo_job.tokenize_preferences(prefs, tok, c, desc="t", vision=vision)[:4]
   seqs = sft_job.tokenize_sft(sft, tok, c, desc="t", vision=vision)[:4]
   vision = vision.with_budget(pairs, seqs)
@@ -67,14 +68,16 @@ def _run(data, mesh_sizes, job="dpo", grad_accum=1, steps=2):
   tx, schedule = optim.make_optimizer(config.optim, 10)
   state = {"step": train.scalar_state(0, mesh), "params": params, "opt_state": train.init_opt_state(tx, params, mesh)}
   state_sh = jax.tree.map(lambda x: x.sharding, state)
-  scfg = dpo_job.step_config(config, bundle.config)
+  scfg = dpo_job.step_config(config, bundle.family)
   if job == "dpo":
     ref = copy(bundle.params)
-    step_fn = step_lib.make_train_step(bundle.graphdef, tx, scfg, mesh, state_sh, bundle.param_shardings, schedule)
+    step_fn = update.make_train_step(step_lib.objective(bundle.graphdef, scfg), tx, mesh, state_sh,
+                                     bundle.param_shardings, schedule, grad_accum=scfg.grad_accum)
     batch = data["pair_batch"]
   else:
     ref = None
-    step_fn = sft_step.make_train_step(bundle.graphdef, tx, scfg, mesh, state_sh, schedule)
+    sft_cfg = sft_step.SFTStepConfig(model_inputs=scfg.model_inputs)
+    step_fn = update.make_train_step(sft_step.objective(bundle.graphdef, sft_cfg), tx, mesh, state_sh, None, schedule)
     batch = data["seq_batch"]
   sharded = shd.put_batch(batch, mesh)
   losses = []

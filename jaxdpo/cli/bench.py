@@ -34,6 +34,7 @@ from ml_collections import ConfigDict
 
 from jaxdpo.train import optim
 from jaxdpo.train import loop as train
+from jaxdpo.train import update
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.objectives import dpo_losses as losses
 from jaxdpo.objectives import dpo_step as step_lib
@@ -142,7 +143,8 @@ def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, p
   else:  # cached: reference log-probs computed beforehand, outside the timed loop
     fn = jax.jit(lambda p, b: step_lib.pair_logps(graphdef, p, b, scfg)[0])
     batches = [({**b, "ref_logps": np.asarray(fn(params, shd.put_batch(b, mesh)))}, u) for b, u in batches]
-  step_fn = step_lib.make_train_step(graphdef, tx, scfg, mesh, state_sh, None if ref is None else p_sh, schedule)
+  step_fn = update.make_train_step(step_lib.objective(graphdef, scfg), tx, mesh, state_sh,
+                                   None if ref is None else p_sh, schedule, grad_accum=scfg.grad_accum)
   times = []
   for i, (b, _) in enumerate(batches):
     b = shd.put_batch(b, mesh)

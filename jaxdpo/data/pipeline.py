@@ -35,7 +35,7 @@ def collate_pairs(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: in
   """Stacks pairs into the step's [B, 2, T] layout (see `jaxdpo.objectives.dpo_step`).
 
   `vision` (a `multimodal.VisionAdapter` with its budget fixed) adds each pair's images once,
-  with a leading pair axis (see `jaxdpo.data.step_inputs`).
+  with a leading pair axis (see `jaxdpo.models.batching`).
   """
   b = len(pairs)
   out = {k: np.zeros((b, 2, max_length), np.int32) for k in ("input_ids", "segment_ids", "positions", "loss_mask")}
@@ -111,7 +111,7 @@ def collate_seqs(seqs: Sequence, *, max_length: int, pad_id: int, vision=None) -
 
 def collate_generation(seqs: Sequence, *, length: int, pad_id: int, vision=None) -> dict[str, np.ndarray]:
   """Left-padded prompts (`collate_prompts_left`) of tokenized prompts, plus their images when
-  `vision` is given (batch layout of `jaxdpo.data.step_inputs`, sequence form)."""
+  `vision` is given (batch layout of `jaxdpo.models.batching`, sequence form)."""
   out = collate_prompts_left([s.prompt for s in seqs], length=length, pad_id=pad_id)
   if vision is not None:
     out.update(vision.collate(seqs, out, pairs=False))

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from jaxdpo.generation import degeneration
 from jaxdpo.generation import decode as generate
-from jaxdpo.data import pipeline, records, step_inputs, tokenize
+from jaxdpo.data import pipeline, records, tokenize
 from jaxdpo.data.vision import adapters as multimodal
 
 log = logging.getLogger("jaxdpo")
@@ -99,7 +99,7 @@ def run_generation(model, tok, items, *, params: SamplingParams, batch_size: int
     inputs = pipeline.collate_generation([items[i][1] for i, _ in rows], length=max_prompt_length, pad_id=pad_id,
                                          vision=vision)
     if vision is not None:
-      inputs = step_inputs.seq_inputs(inputs)  # the model's own layout (M-RoPE positions, image bookkeeping)
+      inputs = vision.family.model_inputs(inputs, 1)  # the family's layout (M-RoPE positions, image bookkeeping)
     t0 = time.perf_counter()
     res = generate.generate(model, inputs, max_new_tokens=params.max_new_tokens, eos_token_id=eos, pad_token_id=pad_id,
                             rng=jax.random.fold_in(key, batch_id), temperature=params.temperature,

@@ -1,9 +1,11 @@
-"""Pieces every training job shares (DPO, SFT): checks and settings read from the ConfigDict."""
+"""Pieces the jobs share: checks and settings read from the ConfigDict."""
 
 from __future__ import annotations
 
 from jaxdpo.data import records
+from jaxdpo.data.vision import adapters
 from jaxdpo.jobs import model_setup
+from jaxdpo.models import registry
 
 
 def check_vocab(tok, model_cfg, where: str):
@@ -13,7 +15,16 @@ def check_vocab(tok, model_cfg, where: str):
     raise records.DataError(f"{where}: tokenizer has {len(tok)} tokens but the model's vocabulary is {vocab}")
 
 
-def compute_settings(config) -> dict:
-  """The step settings every objective takes: compute dtype, micro-batches, log-prob chunk."""
+def compute_settings(config, family: registry.Family) -> dict:
+  """The step settings every objective takes: compute dtype, micro-batches, log-prob chunk and
+  the family's batch layout (`Family.model_inputs`)."""
   return dict(compute_dtype=model_setup.dtype_of(config.model.compute_dtype), grad_accum=config.train.grad_accum,
-              logprob_chunk=config.train.logprob_chunk)
+              logprob_chunk=config.train.logprob_chunk, model_inputs=family.model_inputs)
+
+
+def vision_adapter(config, tok) -> adapters.VisionAdapter | None:
+  """The image adapter of `config.model`'s family (None for text-only families)."""
+  family, model_cfg = model_setup.resolve_model(config.model)
+  d = config.data
+  return adapters.adapter_for(family, model_cfg, tok, d.tokenizer, adapters.Budget(int(d.max_images),
+                                                                                   int(d.max_patches)))

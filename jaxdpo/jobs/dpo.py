@@ -15,6 +15,7 @@ from jaxdpo.jobs import common, model_setup
 from jaxdpo.jobs import validate
 from jaxdpo.train import optim
 from jaxdpo.train import loop as train
+from jaxdpo.train import update
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.data import pipeline, records, tokenize
 from jaxdpo.data.vision import adapters as multimodal
@@ -31,9 +32,22 @@ def loss_config(config) -> losses.DPOLossConfig:
                               rpo_alpha=d.rpo_alpha, reference_free=d.reference_free)
 
 
-def step_config(config, model_cfg) -> step_lib.StepConfig:
-  del model_cfg  # the soft cap comes from the model itself
-  return step_lib.StepConfig(loss=loss_config(config), **common.compute_settings(config))
+def step_config(config, family) -> step_lib.StepConfig:
+  """The DPO step's static settings (the soft cap comes from the model itself)."""
+  return step_lib.StepConfig(loss=loss_config(config), **common.compute_settings(config, family))
+
+
+def memory_run(config) -> memory.DPORun:
+  """What the memory planner needs to know about `config`'s DPO run."""
+  family, model_cfg = model_setup.resolve_model(config.model)
+  compute = model_setup.dtype_of(config.model.compute_dtype)
+  tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
+  return memory.DPORun(family=family, model_cfg=model_cfg, param_dtype=model_setup.dtype_of(config.model.param_dtype),
+                       compute_dtype=compute, attention_impl=model_setup.attention_impl(config.model.attention_impl,
+                                                                                         compute),
+                       tx=tx, reference_model=not config.dpo.reference_free and config.dpo.reference == "model",
+                       batch_size=config.train.batch_size, grad_accum=config.train.grad_accum,
+                       seq_len=config.data.max_length, logprob_chunk=config.train.logprob_chunk)
 
 
 def tokenize_preferences(source: str, tok, config, *, desc: str, vision=None) -> list[tokenize.TokenizedPair]:
@@ -110,7 +124,7 @@ def run(config, workdir: str) -> dict:
   if config.dpo.reference not in ("model", "cached"):
     raise ConfigError(f"config.dpo.reference={config.dpo.reference!r}; expected 'model' or 'cached'")
   tok = tokenize.load_tokenizer(config.data.tokenizer)
-  vision = multimodal.adapter_for(config, tok)
+  vision = common.vision_adapter(config, tok)
   train_examples = tokenize_preferences(config.data.train, tok, config, desc="train", vision=vision)
   validate.check_dataset_size(len(train_examples), config.train.batch_size, config.data.train, "pairs")
   eval_examples = (tokenize_preferences(config.data.eval, tok, config, desc="eval", vision=vision)
@@ -120,10 +134,10 @@ def run(config, workdir: str) -> dict:
     vision = vision.with_budget(train_examples, eval_examples)
 
   # Per-device memory from shapes alone: a run that cannot fit stops before anything is allocated.
-  plan = memory.report_and_check(memory.plan_dpo(config, mesh, rules), config.train.device_memory_gb)
+  plan = memory.report_and_check(memory.plan_dpo(memory_run(config), mesh, rules), config.train.device_memory_gb)
   bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed)
   common.check_vocab(tok, bundle.config, config.data.tokenizer)
-  scfg = step_config(config, bundle.config)
+  scfg = step_config(config, bundle.family)
   pad_id = tokenize.pad_token_id(tok)
   collate = lambda b: pipeline.collate_pairs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision)
   # Every host walks the same global order and collates the rows its devices hold, so the global
@@ -147,7 +161,8 @@ def run(config, workdir: str) -> dict:
   state = train.init_state(bundle, tx, mesh)
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   ref_sh = None if ref_params is None else bundle.param_shardings
-  step_fn = step_lib.make_train_step(bundle.graphdef, tx, scfg, mesh, state_sh, ref_sh, schedule)
+  step_fn = update.make_train_step(step_lib.objective(bundle.graphdef, scfg), tx, mesh, state_sh, ref_sh, schedule,
+                                   grad_accum=scfg.grad_accum)
   memory.compiled_check(plan, step_fn, state, ref_params, collate(train_examples[:1]), config.train.batch_size, mesh,
                         config.train.device_memory_gb)  # compiles the step once; the loop reuses it
 
@@ -155,7 +170,8 @@ def run(config, workdir: str) -> dict:
                                     seed=config.seed, shuffle=config.data.shuffle, host_rows=rows)
   eval_fn = None
   if eval_examples:
-    eval_step = step_lib.make_eval_step(bundle.graphdef, scfg, mesh, bundle.param_shardings, ref_sh)
+    eval_step = update.make_eval_step(step_lib.objective(bundle.graphdef, scfg), mesh, bundle.param_shardings, ref_sh,
+                                      grad_accum=scfg.grad_accum)
 
     def eval_fn(params):
       it = pipeline.make_iterator(eval_examples, batch_size=config.train.batch_size, collate=collate, seed=0,

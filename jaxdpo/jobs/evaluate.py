@@ -16,12 +16,11 @@ import jax
 from flax import nnx
 
 from jaxdpo.generation import eval_stats
-from jaxdpo.jobs import jsonio
+from jaxdpo.jobs import common, jsonio
 from jaxdpo.jobs import model_setup
 from jaxdpo.generation import sampling as sampling_run
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.data import tokenize
-from jaxdpo.data.vision import adapters as multimodal
 from jaxdpo.errors import ConfigError
 
 
@@ -46,7 +45,7 @@ def run(config, workdir: str) -> dict:
   if not config.data.prompts:
     raise ConfigError("config.data.prompts is empty: the eval job needs {prompt, reference?} records")
   tok = tokenize.load_tokenizer(config.data.tokenizer)
-  vision = multimodal.adapter_for(config, tok)
+  vision = common.vision_adapter(config, tok)
   items = sampling_run.load_prompts(config.data.prompts, tok, config, vision)
   bundle, model = load_generation_model(config)
   vocab_warning = sampling_run.warn_vocab_mismatch(tok, bundle.config, config.data.tokenizer)

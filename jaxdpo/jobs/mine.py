@@ -22,7 +22,7 @@ import jax
 
 from jaxdpo.jobs import evaluate as eval_job
 from jaxdpo.generation import eval_stats
-from jaxdpo.jobs import jsonio
+from jaxdpo.jobs import common, jsonio
 from jaxdpo.generation import sampling as sampling_run
 from jaxdpo.data import records, tokenize
 from jaxdpo.data.vision import adapters as multimodal
@@ -81,7 +81,7 @@ def run(config, workdir: str) -> dict:
   if not config.data.prompts:
     raise ConfigError("config.data.prompts is empty: the mine job needs {prompt, reference} records")
   tok = tokenize.load_tokenizer(config.data.tokenizer)
-  vision = multimodal.adapter_for(config, tok)
+  vision = common.vision_adapter(config, tok)
   items = sampling_run.load_prompts(config.data.prompts, tok, config, vision)
   bundle, model = eval_job.load_generation_model(config)
   vocab_warning = sampling_run.warn_vocab_mismatch(tok, bundle.config, config.data.tokenizer)

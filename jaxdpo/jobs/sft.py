@@ -10,6 +10,7 @@ from jaxdpo.jobs import common, model_setup
 from jaxdpo.jobs import validate
 from jaxdpo.train import optim
 from jaxdpo.train import loop as train
+from jaxdpo.train import update
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.data import pipeline, records, tokenize
 from jaxdpo.data.vision import adapters as multimodal
@@ -36,18 +37,18 @@ def run(config, workdir: str) -> dict:
   mesh = shd.make_mesh(config.mesh)
   shd.check_batch(config.train.batch_size, mesh, rules)
   tok = tokenize.load_tokenizer(config.data.tokenizer)
-  vision = multimodal.adapter_for(config, tok)
+  vision = common.vision_adapter(config, tok)
   examples = tokenize_sft(config.data.train, tok, config, desc="train", vision=vision)
   validate.check_dataset_size(len(examples), config.train.batch_size, config.data.train)
   if vision is not None:
     vision = vision.with_budget(examples)
   bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed)
   common.check_vocab(tok, bundle.config, config.data.tokenizer)
-  scfg = sft_step.SFTStepConfig(**common.compute_settings(config))
+  scfg = sft_step.SFTStepConfig(**common.compute_settings(config, bundle.family))
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
   state = train.init_state(bundle, tx, mesh)
-  step_fn = sft_step.make_train_step(bundle.graphdef, tx, scfg, mesh, jax.tree.map(lambda x: x.sharding, state),
-                                     schedule)
+  step_fn = update.make_train_step(sft_step.objective(bundle.graphdef, scfg), tx, mesh,
+                                   jax.tree.map(lambda x: x.sharding, state), None, schedule, grad_accum=scfg.grad_accum)
   pad_id = tokenize.pad_token_id(tok)
   collate = lambda b: pipeline.collate_seqs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision)
   # As in the DPO job: every host walks the same global order and collates only its own rows,

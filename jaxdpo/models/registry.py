@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jaxdpo.errors import ConfigError
+from jaxdpo.models import batching
 from jaxdpo.models.convert_table import ConversionError, Rule
 
 
@@ -25,6 +26,14 @@ class Family:
     presets: named config constructors.
     denormalize_key: canonical key -> the key written by jax-to-hf; by default the canonical
       (transformers-5) key itself.
+    model_inputs: (batch, rows_per_record) -> what the model's `hidden_states` takes, traced
+      inside the jitted steps (see `jaxdpo.models.batching`); the family's image layout lives
+      here, so the objectives never read family-specific batch keys.
+    vision_adapter: "module:Class" of the data pipeline's image adapter for this family, or
+      None for text-only families. A path, not a class: models/ does not import data/.
+    row_positions: (model config, input_ids [T], segment_ids [T], image grids) -> positions of a
+      text row with images, for families whose positions depend on the images (M-RoPE); None
+      when positions stay 1D.
   """
 
   name: str
@@ -36,6 +45,9 @@ class Family:
   normalize_key: Callable[[Any], Callable[[str], str | None]]
   presets: dict[str, Callable[[], Any]]
   denormalize_key: Callable[[str], str] = lambda key: key
+  model_inputs: Callable[[dict, int], dict] = batching.text_inputs
+  vision_adapter: str | None = None
+  row_positions: Callable[..., Any] | None = None
 
   def build(self, cfg, rngs, param_dtype, attention_impl=None):
     """Constructs the family's module (call under `nnx.eval_shape` for an abstract one)."""

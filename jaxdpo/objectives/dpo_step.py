@@ -1,4 +1,4 @@
-"""The DPO train and eval steps: one `jax.jit` each, sharded over the mesh, state donated.
+"""The DPO step's terms: pair log-probs, each micro-batch's share of the loss, the metrics.
 
 Batch layout (host numpy, produced by `jaxdpo.data.pipeline`): every array has a leading
 pair axis B and a second axis of size 2 (chosen, rejected):
@@ -7,9 +7,10 @@ pair axis B and a second axis of size 2 (chosen, rejected):
   positions   int32 [B, 2, T]
   loss_mask   int32 [B, 2, T]   1 on completion tokens
   ref_logps   fp32  [B, 2]      optional: cached reference log-probs
-  images      per pair, leading pair axis (layouts in `jaxdpo.data.step_inputs`)
+  images      per pair, leading pair axis (the family's layout, see `jaxdpo.models.batching`)
 Chosen and rejected of a pair stay on the same device (the pair axis is the sharded one), and
-the vision tower runs once per pair: both rows read the pair's image features.
+the vision tower runs once per pair: both rows read the pair's image features. The jitted
+update that sums these terms over micro-batches is `jaxdpo.train.update.make_train_step`.
 """
 
 from __future__ import annotations
@@ -19,15 +20,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from jaxdpo.train import accumulate as accumulate_lib
-from jaxdpo.parallel import sharding as shd
-from jaxdpo.train import update
-from jaxdpo.data import step_inputs
-from jaxdpo.objectives import logprobs
+from jaxdpo.models import batching
 from jaxdpo.objectives import dpo_losses as losses
+from jaxdpo.objectives import logprobs
 
 PAIR_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -36,26 +33,26 @@ METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """Static configuration of the DPO step."""
+  """Static configuration of the DPO step.
+
+  Attributes:
+    model_inputs: the family's `(batch, rows_per_record) -> model inputs` (`Family.model_inputs`);
+      the text layout by default.
+  """
 
   loss: losses.DPOLossConfig
   compute_dtype: jnp.dtype = jnp.float32
   grad_accum: int = 1
   logprob_chunk: int = 256
-  logit_softcap: float | None = None  # None: use the model's own `logit_softcap` (Gemma 3 text)
-
-
-def flatten_pairs(batch: dict) -> dict:
-  """[B, 2, ...] -> model inputs over [2B, ...] rows (c0, r0, c1, r1, ...), images included
-  (Qwen2.5-VL positions [B, 2, 3, T] -> [3, 2B, T]; see `jaxdpo.data.step_inputs`)."""
-  return step_inputs.pair_inputs(batch)
+  logit_softcap: float | None = None  # None: use the model's own `logit_softcap`
+  model_inputs: Callable[[dict, int], dict] = batching.text_inputs
 
 
 def pair_logps(graphdef, params, batch, cfg: StepConfig):
   """Summed completion log-probs [B, 2], per-token log-probs [B, 2, T-1], token counts [B, 2]."""
   params = jax.tree.map(lambda p: p.astype(cfg.compute_dtype), params)
   model = nnx.merge(graphdef, params)
-  flat = flatten_pairs(batch)
+  flat = cfg.model_inputs(batch, 2)  # rows c0, r0, c1, r1, ...
   h_BTD = model.hidden_states(flat)
   seq, per_tok, counts = logprobs.completion_logps(h_BTD, model.unembedding(), flat["input_ids"], flat["loss_mask"],
                                                    chunk_size=cfg.logprob_chunk, logit_softcap=softcap(cfg, model))
@@ -63,7 +60,7 @@ def pair_logps(graphdef, params, batch, cfg: StepConfig):
   return seq.reshape(b, 2), per_tok.reshape(b, 2, -1), counts.reshape(b, 2)
 
 
-def softcap(cfg: StepConfig, model):
+def softcap(cfg, model):
   """The final-logit soft cap: the step's override, else what the model applies in `logits`."""
   return logprobs.resolve_softcap(cfg.logit_softcap, model)
 
@@ -92,35 +89,26 @@ def loss_terms(params, ref_params, batch, graphdef, cfg: StepConfig, n_pairs, n_
   return loss, sums
 
 
-def accumulate(params, ref_params, batch, graphdef, cfg: StepConfig, with_grad: bool):
-  """Loss, metric means and (optionally) gradients over `cfg.grad_accum` micro-batches."""
-  n_pairs = batch["input_ids"].shape[0]
-  n_chosen_tokens = batch["loss_mask"][:, 0, 1:].astype(jnp.float32).sum()
-  terms = lambda p, mb: loss_terms(p, ref_params, mb, graphdef, cfg, n_pairs, n_chosen_tokens)
-  (loss, sums), grads = accumulate_lib.accumulate(terms, params, batch, cfg.grad_accum, with_grad=with_grad)
-  metrics = {k: v / n_pairs for k, v in sums.items()}
-  metrics["loss"] = loss
-  return loss, metrics, grads
+def objective(graphdef, cfg: StepConfig):
+  """The DPO objective in the form `jaxdpo.train.update` sums over micro-batches.
 
-
-def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig, mesh, state_shardings,
-                    ref_shardings, schedule: Callable | None = None):
-  """Returns jitted `step(state, ref_params, batch) -> (state, metrics)`; `state` is donated.
-
-  `state` is {"step": int32 [], "params": pure dict, "opt_state": optax state}.
+  Returns:
+    `bind(ref_params, batch) -> (terms, finish)`: `terms(params, micro_batch)` gives a
+    micro-batch's (loss share, metric sums), normalised by the whole batch's counts;
+    `finish(loss, sums)` turns the totals into the logged metrics (TRL's names).
   """
-  def grad_fn(params, ref_params, batch):
-    _, metrics, grads = accumulate(params, ref_params, batch, graphdef, cfg, with_grad=True)
-    return metrics, grads
+  def bind(ref_params, batch):
+    n_pairs = batch["input_ids"].shape[0]
+    n_chosen_tokens = batch["loss_mask"][:, 0, 1:].astype(jnp.float32).sum()
 
-  return update.make_update_step(grad_fn, tx, mesh, state_shardings, ref_shardings, schedule)
+    def terms(params, micro_batch):
+      return loss_terms(params, ref_params, micro_batch, graphdef, cfg, n_pairs, n_chosen_tokens)
 
+    def finish(loss, sums):
+      metrics = {k: v / n_pairs for k, v in sums.items()}
+      metrics["loss"] = loss
+      return metrics
 
-def make_eval_step(graphdef, cfg: StepConfig, mesh, param_shardings, ref_shardings):
-  """Returns jitted `eval_step(params, ref_params, batch) -> metrics` (no gradients)."""
-  def eval_step(params, ref_params, batch):
-    _, metrics, _ = accumulate(params, ref_params, batch, graphdef, cfg, with_grad=False)
-    return metrics
+    return terms, finish
 
-  return jax.jit(eval_step, in_shardings=(param_shardings, ref_shardings, update.batch_shardings(mesh)),
-                 out_shardings=shd.replicated(mesh))
+  return bind

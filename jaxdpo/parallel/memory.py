@@ -18,12 +18,12 @@ import dataclasses
 import functools
 import logging
 import math
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from jaxdpo.jobs import model_setup
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.errors import MemoryPlanError  # noqa: F401  (raised here; kept importable from here)
 
@@ -147,6 +147,33 @@ def estimate_activations(model_cfg, *, rows_per_device: int, seq_len: int, compu
   return tokens * per_token * layers + logits
 
 
+@dataclasses.dataclass(frozen=True)
+class DPORun:
+  """What the planner needs to know about a DPO run (the job builds it from the config).
+
+  Attributes:
+    family: the registered model family (`jaxdpo.models.registry.Family`).
+    model_cfg: its model config.
+    param_dtype, compute_dtype: numpy dtypes of the parameters and of the step's compute.
+    attention_impl: the resolved attention implementation ("xla", "cudnn", ...).
+    tx: the optax transformation (its state is sized from shapes).
+    reference_model: whether a frozen reference copy sits in memory.
+    batch_size, grad_accum, seq_len, logprob_chunk: the step's shapes.
+  """
+
+  family: Any
+  model_cfg: Any
+  param_dtype: Any
+  compute_dtype: Any
+  attention_impl: str
+  tx: Any
+  reference_model: bool
+  batch_size: int
+  grad_accum: int
+  seq_len: int
+  logprob_chunk: int
+
+
 @functools.lru_cache(maxsize=4)
 def _abstract_params(family_name: str, model_cfg, param_dtype):
   # Building a full-size model abstractly takes seconds; planning several meshes reuses it.
@@ -154,29 +181,26 @@ def _abstract_params(family_name: str, model_cfg, param_dtype):
   return io.build_abstract(registry.get_family(family_name), model_cfg, param_dtype)[1]
 
 
-def plan_dpo(config, mesh, rules=shd.DEFAULT_RULES) -> MemoryPlan:
-  """The per-device plan of `config`'s DPO step on `mesh`, from shapes only (nothing allocated)."""
-  from jaxdpo.jobs import model_setup
-  from jaxdpo.train import optim
-  family, model_cfg = model_setup.resolve_model(config.model)
-  param_dtype = model_setup.dtype_of(config.model.param_dtype)
-  compute = model_setup.dtype_of(config.model.compute_dtype)
-  abstract = _abstract_params(family.name, model_cfg, param_dtype)
+def plan_dpo(run: DPORun, mesh, rules=shd.DEFAULT_RULES) -> MemoryPlan:
+  """The per-device plan of a DPO step on `mesh`, from shapes only (nothing allocated).
+
+  `rules` are the resolved logical-axis rules: the parameters and the batch are sized with the
+  shardings the run will use (a `batch=` override included).
+  """
+  abstract = _abstract_params(run.family.name, run.model_cfg, run.param_dtype)
   p_sh = shd.param_shardings(abstract, rules, mesh)
   params = with_shardings(nnx.to_pure_dict(abstract), p_sh)
-  tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
-  abstract_opt = jax.eval_shape(tx.init, params)
+  abstract_opt = jax.eval_shape(run.tx.init, params)
   opt = with_shardings(abstract_opt, opt_state_shardings(abstract_opt, params, p_sh, mesh))
   param_bytes = per_device_bytes(params)
-  has_ref_model = not config.dpo.reference_free and config.dpo.reference == "model"
-  data_ways = shd.batch_divisor(mesh)
-  pairs_per_device = max(1, config.train.batch_size // data_ways // max(1, config.train.grad_accum))
-  seq = config.data.max_length
-  impl = model_setup.attention_impl(config.model.attention_impl, compute)
-  acts = estimate_activations(model_cfg, rows_per_device=2 * pairs_per_device, seq_len=seq,
-                              compute_bytes=np.dtype(compute).itemsize, tensor=mesh.shape["tensor"],
-                              logprob_chunk=config.train.logprob_chunk, xla_attention=impl == "xla")
-  batch_bytes = 4 * 4 * 2 * seq * max(1, config.train.batch_size // data_ways)  # 4 int32 [B, 2, T] arrays
+  has_ref_model = run.reference_model
+  data_ways = shd.batch_divisor(mesh, rules)
+  pairs_per_device = max(1, run.batch_size // data_ways // max(1, run.grad_accum))
+  seq = run.seq_len
+  acts = estimate_activations(run.model_cfg, rows_per_device=2 * pairs_per_device, seq_len=seq,
+                              compute_bytes=np.dtype(run.compute_dtype).itemsize, tensor=mesh.shape["tensor"],
+                              logprob_chunk=run.logprob_chunk, xla_attention=run.attention_impl == "xla")
+  batch_bytes = 4 * 4 * 2 * seq * max(1, run.batch_size // data_ways)  # 4 int32 [B, 2, T] arrays
   return MemoryPlan(params=param_bytes, opt_state=per_device_bytes(opt),
                     reference=param_bytes if has_ref_model else 0, gradients=param_bytes, activations=acts,
                     batch=batch_bytes, source="eval_shape", num_devices=mesh.size, fsdp=mesh.shape["fsdp"])

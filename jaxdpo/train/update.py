@@ -1,4 +1,11 @@
-"""The jitted optimizer update shared by every training job (DPO, SFT)."""
+"""The jitted steps shared by every training job (DPO, SFT): exact accumulation, update, eval.
+
+An *objective* (`jaxdpo.objectives.dpo_step.objective`, `sft_step.objective`) is
+`bind(ref, batch) -> (terms, finish)`: `terms(params, micro_batch) -> (loss share, metric sums)`
+with shares normalised by the whole batch's counts, and `finish(loss, sums) -> metrics`. The
+steps here sum the terms over `grad_accum` micro-batches, so the result is that of one large
+batch whatever the split, and add the optimizer update.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdpo.parallel import sharding as shd
+from jaxdpo.train import accumulate as accumulate_lib
 
 
 def batch_shardings(mesh):
@@ -59,3 +67,31 @@ def with_mesh(jitted, mesh):
   call.lower = lower
   call.jitted = jitted
   return call
+
+
+def accumulated(objective: Callable, params, ref, batch: dict, grad_accum: int, *, with_grad: bool):
+  """(metrics, grads or None) of `objective` over the whole batch, in `grad_accum` micro-batches."""
+  terms, finish = objective(ref, batch)
+  (loss, sums), grads = accumulate_lib.accumulate(terms, params, batch, grad_accum, with_grad=with_grad)
+  return finish(loss, sums), grads
+
+
+def make_train_step(objective: Callable, tx: optax.GradientTransformation, mesh, state_shardings, ref_shardings,
+                    schedule: Callable | None = None, *, grad_accum: int = 1):
+  """Jitted `step(state, ref, batch) -> (state, metrics)` for `objective`; `state` is donated.
+
+  `state` is {"step": int32 [], "params": pure dict, "opt_state": optax state}.
+  """
+  def grad_fn(params, ref, batch):
+    return accumulated(objective, params, ref, batch, grad_accum, with_grad=True)
+
+  return make_update_step(grad_fn, tx, mesh, state_shardings, ref_shardings, schedule)
+
+
+def make_eval_step(objective: Callable, mesh, param_shardings, ref_shardings, *, grad_accum: int = 1):
+  """Jitted `eval_step(params, ref, batch) -> metrics` (no gradients)."""
+  def eval_step(params, ref, batch):
+    return accumulated(objective, params, ref, batch, grad_accum, with_grad=False)[0]
+
+  return jax.jit(eval_step, in_shardings=(param_shardings, ref_shardings, batch_shardings(mesh)),
+                 out_shardings=shd.replicated(mesh))

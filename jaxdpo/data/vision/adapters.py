@@ -18,19 +18,20 @@ when batches are collated, so a dataset's pixels never sit in memory all at once
 Batches keep a leading batch axis on every leaf, with a static image/patch budget
 (`data.max_images`, `data.max_patches`; 0 = the largest need among the job's records), so
 the sharding of the text path applies unchanged and a step compiles once. See
-`jaxdpo.data.step_inputs` for the layouts and their conversion to model inputs.
+`jaxdpo.models.batching` and the family modules for the layouts and their conversion to model inputs.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import os
 from collections.abc import Sequence
 
-from jaxdpo.jobs import model_setup
-from jaxdpo.data.vision import images as images_lib
 from jaxdpo.data.records import DataError, Record, resolve_image_paths
+from jaxdpo.data.vision import images as images_lib
+from jaxdpo.models import registry
 
 IMAGE_FIELD = "images"
 
@@ -48,19 +49,19 @@ class VisionAdapter:
   """Family-specific image handling. Subclasses define the class attributes and methods below.
 
   Attributes:
-    family: the model family name.
+    family: the registered model family (its `model_inputs` and `row_positions` hooks).
     image_token_id: the id of the (expanded) image tokens.
     placeholder_token: the token the chat template writes once per image, expanded later.
+    requested: the configured budget (0 = the largest need among the job's records).
     budget: None until `with_budget` fixes it.
   """
 
-  family: str = ""
-
-  def __init__(self, model_cfg, tok, tokenizer_dir: str, data_cfg):
+  def __init__(self, family: registry.Family, model_cfg, tok, tokenizer_dir: str, requested: Budget):
+    self.family = family
     self.model_cfg = model_cfg
     self.tok = tok
     self.tokenizer_dir = tokenizer_dir
-    self.requested = Budget(int(data_cfg.max_images), int(data_cfg.max_patches))
+    self.requested = requested
     self.budget: Budget | None = None
     self.image_token_id = model_cfg.image_token_id
     load_chat_template(tok, tokenizer_dir)
@@ -120,7 +121,7 @@ class VisionAdapter:
     s = self.tok.convert_ids_to_tokens(int(token_id))
     if s is None or self.tok.convert_tokens_to_ids(s) != token_id:
       raise DataError(f"tokenizer {self.tokenizer_dir!r} has no {what} token with id {token_id}, which the "
-                      f"{self.family} model uses")
+                      f"{self.family.name} model uses")
     return s
 
   def with_budget(self, *example_lists: Sequence) -> "VisionAdapter":
@@ -220,20 +221,26 @@ class RecordImages:
 
 
 
-def adapter_for(config, tok) -> VisionAdapter | None:
-  """The vision adapter of `config.model`'s family, or None for text-only families."""
-  family, model_cfg = model_setup.resolve_model(config.model)
-  return make_adapter(family.name, model_cfg, tok, config.data.tokenizer, config.data)
+def adapter_for(family: registry.Family, model_cfg, tok, tokenizer_dir: str,
+                requested: Budget = Budget(0, 0)) -> VisionAdapter | None:
+  """The adapter the family registers (`Family.vision_adapter`), or None for text-only families.
+
+  Args:
+    family: the model family; its registration names the adapter class.
+    model_cfg: the family's model config (image token ids, the vision tower's sizes).
+    tok: the model's tokenizer.
+    tokenizer_dir: where `tok` came from (preprocessor_config.json, chat_template.json).
+    requested: the configured image budget (`data.max_images`, `data.max_patches`).
+  """
+  if family.vision_adapter is None:
+    return None
+  module, _, name = family.vision_adapter.partition(":")
+  return getattr(importlib.import_module(module), name)(family, model_cfg, tok, tokenizer_dir, requested)
 
 
-def make_adapter(family_name: str, model_cfg, tok, tokenizer_dir: str, data_cfg) -> VisionAdapter | None:
-  if family_name == "qwen2_5_vl":
-    from jaxdpo.data.vision.qwen import QwenVLAdapter
-    return QwenVLAdapter(model_cfg, tok, tokenizer_dir, data_cfg)
-  if family_name == "gemma3":
-    from jaxdpo.data.vision.gemma import Gemma3Adapter
-    return Gemma3Adapter(model_cfg, tok, tokenizer_dir, data_cfg)
-  return None
+def model_inputs(vision: VisionAdapter | None):
+  """The `(batch, rows_per_record) -> model inputs` of the adapter's family (text layout without one)."""
+  return vision.family.model_inputs if vision is not None else registry.Family.model_inputs
 
 
 def record_images(vision: VisionAdapter | None, record: Record, base_dir: str) -> RecordImages | None:
@@ -241,8 +248,9 @@ def record_images(vision: VisionAdapter | None, record: Record, base_dir: str) -
   if not record.fields.get(IMAGE_FIELD):
     return None
   if vision is None:
+    with_vision = sorted(f.name for f in registry.families().values() if f.vision_adapter)
     raise DataError(f"{record.where}: field '{IMAGE_FIELD}': the model has no vision tower (use a vision-language "
-                    "family: qwen2_5_vl or gemma3)")
+                    f"family: {' or '.join(with_vision)})")
   return vision.record_images(record, base_dir)
 
 

@@ -19,16 +19,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxdpo.data.vision import images as images_lib
-from jaxdpo.data.vision.adapters import DataError, VisionAdapter
+from jaxdpo.data.vision.adapters import Budget, DataError, VisionAdapter
 
 
 class Gemma3Adapter(VisionAdapter):
   """Images for the `gemma3` family."""
 
-  family = "gemma3"
-
-  def __init__(self, model_cfg, tok, tokenizer_dir: str, data_cfg):
-    super().__init__(model_cfg, tok, tokenizer_dir, data_cfg)
+  def __init__(self, family, model_cfg, tok, tokenizer_dir: str, requested: Budget):
+    super().__init__(family, model_cfg, tok, tokenizer_dir, requested)
     self.placeholder_token = self.token_string(model_cfg.boi_token_id, "begin-of-image")
     self._eoi = self.token_string(model_cfg.eoi_token_id, "end-of-image")
     self._image = self.token_string(model_cfg.image_token_id, "image")
@@ -59,7 +57,7 @@ class Gemma3Adapter(VisionAdapter):
     return self.model_cfg.mm_tokens_per_image, 1
 
   def collate(self, examples: Sequence, text: dict, *, pairs: bool) -> dict:
-    del text, pairs  # positions stay 1D; pairs share their images through the step's image_index
+    del text, pairs  # positions stay 1D; pairs share their images through the family's image_index
     b = self.budget
     if b is None or b.max_images == 0:
       return {}

@@ -12,7 +12,7 @@ Batch arrays (per record, leading batch axis B):
                                     the budget's max_patches (one vision row per record/pair)
   image_grid_thw int32 [B, I, 3]    their grids, zero rows up to I = max_images
   positions      int32 [B, 2, 3, T] (pairs) or [B, 3, T]: M-RoPE positions of every text row,
-                                    from `rope_index.get_rope_index` on the host
+                                    from the family's `row_positions`, on the host
 """
 
 from __future__ import annotations
@@ -23,17 +23,15 @@ import numpy as np
 
 from jaxdpo.data.vision import images as images_lib
 from jaxdpo.data.vision.adapters import Budget, DataError, VisionAdapter
-from jaxdpo.models.qwen2_5_vl import rope_index
 
 
 class QwenVLAdapter(VisionAdapter):
   """Images for the `qwen2_5_vl` family."""
 
-  family = "qwen2_5_vl"
   uses_patches = True
 
-  def __init__(self, model_cfg, tok, tokenizer_dir: str, data_cfg):
-    super().__init__(model_cfg, tok, tokenizer_dir, data_cfg)
+  def __init__(self, family, model_cfg, tok, tokenizer_dir: str, requested: Budget):
+    super().__init__(family, model_cfg, tok, tokenizer_dir, requested)
     self.placeholder_token = self.token_string(model_cfg.image_token_id, "image")
     self._start = self.token_string(model_cfg.vision_start_token_id, "vision-start")
     self._end = self.token_string(model_cfg.vision_end_token_id, "vision-end")
@@ -95,9 +93,6 @@ class QwenVLAdapter(VisionAdapter):
       for j in range(rows):
         row_ids = ids[i, j] if pairs else ids[i]
         row_seg = seg[i, j] if pairs else seg[i]
-        pos, _ = rope_index.get_rope_index(row_ids[None], row_seg[None], grid, spatial_merge_size=v.spatial_merge_size,
-                                           image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-                                           tokens_per_second=v.tokens_per_second)
-        positions[i, j] = pos[:, 0]
+        positions[i, j] = self.family.row_positions(cfg, row_ids, row_seg, grid)
     return {"pixel_values": pixels, "image_grid_thw": grids,
             "positions": positions if pairs else positions[:, 0]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from jaxdpo.models import registry
+from jaxdpo.models.qwen2_5_vl import batching as qwen_batching
 from jaxdpo.models.qwen2_5_vl import config as qwen_config
 from jaxdpo.models.qwen2_5_vl import convert as qwen_convert
 from jaxdpo.models.qwen2_5_vl.model import Qwen2Decoder
@@ -18,4 +19,5 @@ QWEN2_5_VL = registry.register(registry.Family(
     name="qwen2_5_vl", hf_architectures=("Qwen2_5_VLForConditionalGeneration",), module_cls=Qwen2_5_VL,
     config_cls=qwen_config.Qwen2_5_VLConfig, config_from_hf=qwen_convert.vl_config_from_hf,
     rules=qwen_convert.vl_rules, normalize_key=qwen_convert.vl_normalize_key, presets=qwen_config.VL_PRESETS,
-    denormalize_key=qwen_convert.vl_denormalize_key))
+    denormalize_key=qwen_convert.vl_denormalize_key, model_inputs=qwen_batching.model_inputs,
+    vision_adapter="jaxdpo.data.vision.qwen:QwenVLAdapter", row_positions=qwen_batching.row_positions))
