@@ -80,7 +80,8 @@ def check(config) -> None:
     raise ConfigError(f"config.data.train is empty: the {config.job} job needs training records")
   if config.job in ("eval", "mine") and not config.data.prompts:
     raise ConfigError(f"config.data.prompts is empty: the {config.job} job needs prompt records")
-  _check_dpo(config)
+  if config.job == "dpo":  # the other jobs never read dpo.*; a stray value there must not stop them
+    _check_dpo(config)
   _check_optim(config)
   _check_train(config)
   _check_generation(config)
