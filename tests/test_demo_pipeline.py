@@ -112,10 +112,11 @@ def test_no_rejected_loop_ends_in_eos(run_dir):
   tok = tokenize.load_tokenizer(str(run_dir / "1_sft" / "model" / "tokenizer"))
   assert all(tok.eos_token_id not in s["tokens"] for s in samples if s["hit_limit"])
   from jaxdpo.data.vision import adapters
+  from jaxdpo.models import registry
   from jaxdpo.models.qwen2_5_vl import config as qcfg
   cfg = _json(run_dir / "4_dpo" / "config.json")
-  vision = adapters.make_adapter("qwen2_5_vl", qcfg.demo_vl(), tok, str(run_dir / "1_sft" / "model" / "tokenizer"),
-                                 type("D", (), {"max_images": 0, "max_patches": 0})())
+  vision = adapters.adapter_for(registry.get_family("qwen2_5_vl"), qcfg.demo_vl(), tok,
+                                str(run_dir / "1_sft" / "model" / "tokenizer"))
   for i, p in enumerate(pairs):
     rec = records.validate_preference(f"pairs.jsonl:{i + 1}", p)
     seq = tokenize.tokenize_preference(tok, rec, max_length=cfg["data"]["max_length"], truncation="off",
