@@ -15,6 +15,7 @@ padded or batched by hand.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -177,27 +178,32 @@ def preference_batch(tokenizer, pairs: Sequence[dict], *, max_length: int, use_c
   return pipeline.collate_pairs(tokenized, max_length=max_length, pad_id=tokenize.pad_token_id(tokenizer))
 
 
-@nnx.jit
-def _pair_logps(model, batch):
-  b, _, t = batch["input_ids"].shape
-  flat = {k: batch[k].reshape(2 * b, t) for k in ("input_ids", "segment_ids", "positions", "loss_mask")}
-  h_BTD = model.hidden_states(flat)
-  seq, _, _ = logprobs.completion_logps(h_BTD, model.unembedding(), flat["input_ids"], flat["loss_mask"],
+def _family_of(model: nnx.Module) -> registry.Family:
+  for family in registry.families().values():
+    if type(model) is family.module_cls:
+      return family
+  raise ValueError(f"{type(model).__name__} is not the model of a registered family; load it with jaxdpo.api.load")
+
+
+@functools.partial(nnx.jit, static_argnums=0)
+def _pair_logps(family_name: str, model, batch):
+  inputs = registry.get_family(family_name).model_inputs(batch, 2)  # rows c0, r0, c1, r1, ...
+  h_BTD = model.hidden_states(inputs)
+  seq, _, _ = logprobs.completion_logps(h_BTD, model.unembedding(), inputs["input_ids"], inputs["loss_mask"],
                                         logit_softcap=logprobs.resolve_softcap(None, model))
-  return seq.reshape(b, 2)
+  return seq.reshape(batch["input_ids"].shape[0], 2)
 
 
 def pair_logps(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
-  """Summed completion log-probs of DPO pairs, as the DPO loss sees them (text models).
+  """Summed completion log-probs of DPO pairs, as the DPO loss sees them.
 
   Args:
     model: from `load`.
-    batch: [B, 2, T] arrays from `preference_batch` (or the DPO job's collated batches without
-      images).
+    batch: [B, 2, T] arrays from `preference_batch`, or a DPO job's collated batch (images
+      included, in the family's layout).
 
   Returns:
     (chosen [B], rejected [B]) fp32: the sum over completion tokens of log p(token | prefix).
   """
-  seq = _pair_logps(model, {k: jnp.asarray(batch[k]) for k in ("input_ids", "segment_ids", "positions",
-                                                                "loss_mask")})
+  seq = _pair_logps(_family_of(model).name, model, {k: jnp.asarray(v) for k, v in batch.items()})
   return seq[:, 0], seq[:, 1]
