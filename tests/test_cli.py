@@ -63,7 +63,19 @@ def test_shipped_config_runs_from_another_directory(tmp_path):
   config = json.loads((work / "config.json").read_text())
   assert config["train"]["num_steps"] == 2 and config["job"] == "dpo"
   assert (work / "model").is_dir()
-  assert len((work / "metrics.jsonl").read_text().splitlines()) == 2
+  rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert "eval/loss" in rows[-1]  # the shipped held-out file is scored at the end
+  # The end-of-run summary, on stdout and in summary.json.
+  summary = json.loads((work / "summary.json").read_text())
+  assert summary["steps"] == 2 and summary["stopped"] == "finished" and summary["model"] == str(work / "model")
+  assert summary["final"]["loss"] == rows[-1]["loss"] and summary["eval"]["eval/loss"] == rows[-1]["eval/loss"]
+  export = f"python -m jaxdpo.convert jax-to-hf --ckpt {work / 'model'} --out {work / 'hf'}"
+  assert summary["export_command"] == export
+  assert out.stdout.splitlines()[0] == "dpo finished at step 2/2"
+  assert f"  export   {export}" in out.stdout and "  held-out loss" in out.stdout
+  assert out.stderr.count("memory plan per device") == 1  # the plan table once
+  assert f"finished at step 2: checkpoint saved to {work / 'checkpoints' / '2'}" in out.stderr
 
 
 def test_config_resolution_by_name_and_with_an_argument(tmp_path):

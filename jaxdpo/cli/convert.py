@@ -10,7 +10,11 @@ target and renamed into place only when every tensor has been converted and chec
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# transformers prints an advisory banner at import when torch is absent; conversion never needs torch.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from jaxdpo.errors import UserError
 from jaxdpo.models import io

@@ -11,7 +11,10 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+# transformers prints an advisory banner at import when torch is absent; jaxdpo never needs torch.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags
 
 from jaxdpo.errors import ConfigError, UserError

@@ -5,6 +5,7 @@
 Runs on a laptop CPU in about a minute with no network and no downloaded model.
 """
 
+from jaxdpo import assets
 from jaxdpo.jobs import defaults as config_defaults
 
 
@@ -23,5 +24,6 @@ def get_config(arg=None):
   c.train.log_every = 10
   c.train.ckpt_every = 50
   c.data.max_length = 48
+  c.data.eval = assets.path("tiny_prefs_eval.jsonl")  # held-out pairs, scored at the end of the run
   c.lock()
   return c

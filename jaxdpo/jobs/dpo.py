@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from jaxdpo.parallel import distributed
 from jaxdpo.parallel import memory
 from jaxdpo.jobs import common, model_setup
-from jaxdpo.jobs import validate
+from jaxdpo.jobs import summary, validate
 from jaxdpo.train import optim
 from jaxdpo.train import loop as train
 from jaxdpo.train import update
@@ -134,7 +134,8 @@ def run(config, workdir: str) -> dict:
     vision = vision.with_budget(train_examples, eval_examples)
 
   # Per-device memory from shapes alone: a run that cannot fit stops before anything is allocated.
-  plan = memory.report_and_check(memory.plan_dpo(memory_run(config), mesh, rules), config.train.device_memory_gb)
+  plan = memory.report_and_check(memory.plan_dpo(memory_run(config), mesh, rules), config.train.device_memory_gb,
+                                 announce=False)  # compiled_check below logs the refined plan
   bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed)
   common.check_vocab(tok, bundle.config, config.data.tokenizer)
   scfg = step_config(config, bundle.family)
@@ -187,6 +188,8 @@ def run(config, workdir: str) -> dict:
   spec = train.LoopSpec(step_fn=step_fn, state=state, ref=ref_params, iterator=iterator, eval_fn=eval_fn, desc="dpo",
                         degeneration_fn=degeneration_eval_fn(config, tok, bundle, degen_vision))
   last = train.run_loop(config, workdir, mesh, spec)
+  model_dir = None
   if int(jax.device_get(spec.state["step"])) >= config.train.num_steps:
-    train.export_final_model(workdir, config, bundle, spec.state["params"])
+    model_dir = train.export_final_model(workdir, config, bundle, spec.state["params"])
+  summary.write(config, workdir, spec.outcome, last, model_dir)
   return last

@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from jaxdpo.parallel import distributed
 from jaxdpo.jobs import common, model_setup
-from jaxdpo.jobs import validate
+from jaxdpo.jobs import summary, validate
 from jaxdpo.train import optim
 from jaxdpo.train import loop as train
 from jaxdpo.train import update
@@ -58,6 +58,8 @@ def run(config, workdir: str) -> dict:
                                     host_rows=distributed.host_rows(mesh, config.train.batch_size))
   spec = train.LoopSpec(step_fn=step_fn, state=state, ref=None, iterator=iterator, desc="sft")
   last = train.run_loop(config, workdir, mesh, spec)
+  model_dir = None
   if int(jax.device_get(spec.state["step"])) >= config.train.num_steps:
-    train.export_final_model(workdir, config, bundle, spec.state["params"])
+    model_dir = train.export_final_model(workdir, config, bundle, spec.state["params"])
+  summary.write(config, workdir, spec.outcome, last, model_dir)
   return last

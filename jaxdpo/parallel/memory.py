@@ -266,10 +266,11 @@ def check(plan: MemoryPlan, limit: int | None):
                         f"Try: {tips}\n{plan.report(limit)}")
 
 
-def report_and_check(plan: MemoryPlan, device_memory_gb: float) -> MemoryPlan:
-  """Logs the plan (process 0) and refuses it if it cannot fit."""
+def report_and_check(plan: MemoryPlan, device_memory_gb: float, *, announce: bool = True) -> MemoryPlan:
+  """Logs the plan (process 0; unless `announce` is False, e.g. when `compiled_check` will log the
+  refined plan) and refuses it if it cannot fit (the error carries the table)."""
   limit = device_limit(device_memory_gb)
-  if jax.process_index() == 0:
+  if announce and jax.process_index() == 0:
     log.info("%s", plan.report(limit))
   check(plan, limit)
   return plan
@@ -287,7 +288,5 @@ def compiled_check(plan: MemoryPlan, step_fn, state, ref, sample: dict, global_b
   """Compiles the train step ahead of time (the first step reuses the executable), then
   refines, logs and checks the plan with XLA's memory analysis."""
   compiled = step_fn.lower(state, ref, abstract_batch(sample, global_batch, mesh)).compile()
-  refined = refine_with_compiled(plan, compiled)
-  if refined is plan:
-    return plan
-  return report_and_check(refined, device_memory_gb)
+  # The plan is logged once, here: refined by XLA's analysis when the backend gives one.
+  return report_and_check(refine_with_compiled(plan, compiled), device_memory_gb)

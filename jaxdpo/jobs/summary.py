@@ -1,0 +1,64 @@
+"""The end of a training run: one summary on stdout and in `DIR/summary.json`.
+
+The summary says how far the run got, the last logged loss and accuracy, the held-out metrics
+when there are any, where the model and the metrics went, and the command that exports the
+model to a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+
+import jax
+
+_HEADLINE = ("loss", "rewards/accuracies", "rewards/margins", "tokens")
+
+
+def write(config, workdir: str, outcome: dict, last: dict, model_dir: str | None) -> dict:
+  """Writes `workdir/summary.json` and prints the summary (process 0); returns the summary dict."""
+  workdir = os.path.abspath(workdir)
+  summary = {
+      "job": config.job,
+      "steps": outcome.get("step"),
+      "num_steps": config.train.num_steps,
+      "stopped": outcome.get("reason"),
+      "final": {k: last[k] for k in _HEADLINE if k in last},
+      "eval": {k: v for k, v in last.items() if k.startswith("eval/")},
+      "checkpoint": outcome.get("checkpoint"),
+      "model": model_dir,
+      "metrics": os.path.join(workdir, "metrics.jsonl"),
+      "config": os.path.join(workdir, "config.json"),
+      "export_command": (f"python -m jaxdpo.convert jax-to-hf --ckpt {shlex.quote(model_dir)} "
+                         f"--out {shlex.quote(os.path.join(workdir, 'hf'))}") if model_dir else None,
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json.tmp"), "w") as f:
+      json.dump(summary, f, indent=2)
+    os.replace(os.path.join(workdir, "summary.json.tmp"), os.path.join(workdir, "summary.json"))
+    print(render(summary), flush=True)
+  return summary
+
+
+def _fmt(metrics: dict) -> str:
+  return "  ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in metrics.items())
+
+
+def render(summary: dict) -> str:
+  """The summary as the few lines printed at the end of a run."""
+  state = ("finished" if summary["stopped"] == "finished" else
+           f"stopped ({summary['stopped']})")
+  lines = [f"{summary['job']} {state} at step {summary['steps']}/{summary['num_steps']}"]
+  if summary["final"]:
+    lines.append(f"  final    {_fmt(summary['final'])}")
+  if summary["eval"]:
+    lines.append(f"  held-out {_fmt(summary['eval'])}")
+  if summary["model"]:
+    lines.append(f"  model    {summary['model']}  (--config.model.checkpoint for the next job)")
+  else:
+    lines.append(f"  checkpoint {summary['checkpoint']}  (re-run the same command to continue)")
+  lines.append(f"  metrics  {summary['metrics']}")
+  if summary["export_command"]:
+    lines.append(f"  export   {summary['export_command']}")
+  return "\n".join(lines)
