@@ -14,6 +14,7 @@ import shlex
 import jax
 
 _HEADLINE = ("loss", "rewards/accuracies", "rewards/margins", "tokens")
+_EVAL_SHOWN = tuple(f"eval/{k}" for k in _HEADLINE + ("degeneration_rate",))
 
 
 def write(config, workdir: str, outcome: dict, last: dict, model_dir: str | None) -> dict:
@@ -52,8 +53,9 @@ def render(summary: dict) -> str:
   lines = [f"{summary['job']} {state} at step {summary['steps']}/{summary['num_steps']}"]
   if summary["final"]:
     lines.append(f"  final    {_fmt(summary['final'])}")
-  if summary["eval"]:
-    lines.append(f"  held-out {_fmt(summary['eval'])}")
+  shown = {k: summary["eval"][k] for k in _EVAL_SHOWN if k in summary["eval"]}  # summary.json has them all
+  if shown:
+    lines.append(f"  held-out {_fmt(shown)}")
   if summary["model"]:
     lines.append(f"  model    {summary['model']}  (--config.model.checkpoint for the next job)")
   else:
