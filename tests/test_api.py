@@ -112,3 +112,48 @@ def test_pair_logps_match_transformers(converted):
   assert batch["loss_mask"].sum(axis=-1).tolist() == [[4, 2], [2, 5]]
   ours = np.stack([np.asarray(chosen), np.asarray(rejected)], axis=1)
   assert _max_rel_err(ours, expected) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def converted_vl(tmp_path_factory, converted):
+  """A tiny random `Qwen2_5_VLForConditionalGeneration` (tied head) with the same tokenizer."""
+  _, tok, _ = converted
+  root = tmp_path_factory.mktemp("api_vl")
+  torch.manual_seed(1)
+  cfg = transformers.Qwen2_5_VLConfig(
+      vision_config=dict(depth=2, hidden_size=36, intermediate_size=52, num_heads=3, out_hidden_size=60,
+                         patch_size=4, temporal_patch_size=2, spatial_merge_size=2, window_size=16,
+                         fullatt_block_indexes=[1], tokens_per_second=2, in_channels=3),
+      text_config=dict(vocab_size=VOCAB, hidden_size=60, intermediate_size=92, num_hidden_layers=2,
+                       num_attention_heads=5, num_key_value_heads=1, rms_norm_eps=1e-6, eos_token_id=2,
+                       pad_token_id=0, max_position_embeddings=128,
+                       rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2], "rope_theta": 10000.0}),
+      image_token_id=90, video_token_id=91, vision_start_token_id=92, vision_end_token_id=93,
+      tie_word_embeddings=True)
+  cfg._attn_implementation = "eager"
+  hf = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+  hf_dir = os.path.join(root, "hf")
+  hf.save_pretrained(hf_dir)
+  tok.save_pretrained(hf_dir)
+  return hf, tok, api.convert(hf_dir, os.path.join(root, "ckpt"))
+
+
+def test_qwen2_5_vl_text_logits_and_greedy_generation(converted_vl):
+  """The vision-language family through the same calls (text prompts: M-RoPE streams coincide)."""
+  hf, tok, ckpt = converted_vl
+  family, config, model = api.load(ckpt)
+  assert family == "qwen2_5_vl" and config.text.tie_word_embeddings
+  inputs = api.model_inputs(family, tok, PROMPTS)
+  ids = torch.tensor(inputs["input_ids"], dtype=torch.long)
+  mask = torch.tensor(inputs["segment_ids"], dtype=torch.long)
+  with torch.no_grad():
+    theirs = hf(input_ids=ids, attention_mask=mask).logits.numpy()
+  real = inputs["segment_ids"].astype(bool)
+  assert _max_rel_err(np.asarray(api.logits(model, inputs))[real], theirs[real]) <= 1e-5
+  n = 6
+  ours = np.asarray(api.generate(model, inputs, max_new_tokens=n).tokens)
+  with torch.no_grad():
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=2,
+                      pad_token_id=0).numpy()[:, ids.shape[1]:]
+  np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref)
+  assert (ours[:, ref.shape[1]:] == 0).all()
