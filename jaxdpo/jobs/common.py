@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+
 from jaxdpo.data import records
 from jaxdpo.data.vision import adapters
 from jaxdpo.jobs import model_setup
@@ -28,3 +30,52 @@ def vision_adapter(config, tok) -> adapters.VisionAdapter | None:
   d = config.data
   return adapters.adapter_for(family, model_cfg, tok, d.tokenizer, adapters.Budget(int(d.max_images),
                                                                                    int(d.max_patches)))
+
+
+def held_out_eval_fn(config, eval_step, examples, collate, mesh, rows, ref=None):
+  """(params) -> {"eval/<metric>": mean over up to `train.eval_batches` batches of `examples`}."""
+  from jaxdpo.data import pipeline
+  from jaxdpo.parallel import sharding as shd
+
+  def fn(params):
+    it = pipeline.make_iterator(examples, batch_size=config.train.batch_size, collate=collate, seed=0,
+                                shuffle=False, num_epochs=1, host_rows=rows)
+    sums, n = {}, 0
+    for batch, _ in zip(it, range(config.train.eval_batches)):
+      m = jax.device_get(eval_step(params, ref, shd.put_batch(batch, mesh)))
+      for k, v in m.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+      n += 1
+    return {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
+  return fn
+
+
+def degeneration_eval_fn(config, tok, bundle, vision=None):
+  """(params) -> {"eval/degeneration_rate", ...} on `data.degeneration_eval`, or None when not configured."""
+  if not config.data.degeneration_eval or config.train.degeneration_eval_every <= 0:
+    return None
+  from flax import nnx
+  from jaxdpo.generation import degeneration
+  from jaxdpo.generation import sampling as sampling_run
+  items = sampling_run.load_prompts(config.data.degeneration_eval, tok, config, vision)
+  g = config.generate
+
+  def fn(params):
+    model = nnx.merge(bundle.graphdef, params)
+    rows = sampling_run.run_generation(
+        model, tok, items, params=sampling_run.SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k),
+        batch_size=g.batch_size, max_prompt_length=g.max_prompt_length, seed=config.seed,
+        degen_cfg=sampling_run.degeneration_config(config), progress=False, vision=vision)
+    r = degeneration.rates(_VerdictView(row) for row in rows)
+    return {"eval/degeneration_rate": r["degeneration_rate"], "eval/early_loop_rate": r["early_loop_rate"],
+            "eval/hit_limit_rate": r["hit_limit_rate"]}
+  return fn
+
+
+class _VerdictView:
+  """Adapts a generation row to the attributes `degeneration.rates` reads."""
+
+  def __init__(self, row):
+    self.is_degenerate = row["is_degenerate"]
+    self.is_early_loop = row["is_early_loop"]
+    self.hit_limit = row["hit_limit"]

@@ -82,37 +82,6 @@ def precompute_reference(bundle, examples, scfg, mesh, batch_size: int, collate,
   return [dataclasses.replace(e, ref_logps=r) for e, r in zip(examples, out)]
 
 
-def degeneration_eval_fn(config, tok, bundle, vision=None):
-  """(params) -> {"eval/degeneration_rate", ...} on `data.degeneration_eval`, or None when not configured."""
-  if not config.data.degeneration_eval or config.train.degeneration_eval_every <= 0:
-    return None
-  from flax import nnx
-  from jaxdpo.generation import degeneration
-  from jaxdpo.generation import sampling as sampling_run
-  items = sampling_run.load_prompts(config.data.degeneration_eval, tok, config, vision)
-  g = config.generate
-
-  def fn(params):
-    model = nnx.merge(bundle.graphdef, params)
-    rows = sampling_run.run_generation(
-        model, tok, items, params=sampling_run.SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k),
-        batch_size=g.batch_size, max_prompt_length=g.max_prompt_length, seed=config.seed,
-        degen_cfg=sampling_run.degeneration_config(config), progress=False, vision=vision)
-    r = degeneration.rates(_VerdictView(row) for row in rows)
-    return {"eval/degeneration_rate": r["degeneration_rate"], "eval/early_loop_rate": r["early_loop_rate"],
-            "eval/hit_limit_rate": r["hit_limit_rate"]}
-  return fn
-
-
-class _VerdictView:
-  """Adapts a generation row to the attributes `degeneration.rates` reads."""
-
-  def __init__(self, row):
-    self.is_degenerate = row["is_degenerate"]
-    self.is_early_loop = row["is_early_loop"]
-    self.hit_limit = row["hit_limit"]
-
-
 def run(config, workdir: str) -> dict:
   """Runs the DPO job; returns the last logged metrics."""
   rules = model_setup.parse_rules(config.sharding_rules)
@@ -174,19 +143,10 @@ def run(config, workdir: str) -> dict:
     eval_step = update.make_eval_step(step_lib.objective(bundle.graphdef, scfg), mesh, bundle.param_shardings, ref_sh,
                                       grad_accum=scfg.grad_accum)
 
-    def eval_fn(params):
-      it = pipeline.make_iterator(eval_examples, batch_size=config.train.batch_size, collate=collate, seed=0,
-                                  shuffle=False, num_epochs=1, host_rows=rows)
-      sums, n = {}, 0
-      for batch, _ in zip(it, range(config.train.eval_batches)):
-        m = jax.device_get(eval_step(params, ref_params, shd.put_batch(batch, mesh)))
-        for k, v in m.items():
-          sums[k] = sums.get(k, 0.0) + float(v)
-        n += 1
-      return {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
+    eval_fn = common.held_out_eval_fn(config, eval_step, eval_examples, collate, mesh, rows, ref_params)
 
   spec = train.LoopSpec(step_fn=step_fn, state=state, ref=ref_params, iterator=iterator, eval_fn=eval_fn, desc="dpo",
-                        degeneration_fn=degeneration_eval_fn(config, tok, bundle, degen_vision))
+                        degeneration_fn=common.degeneration_eval_fn(config, tok, bundle, degen_vision))
   last = train.run_loop(config, workdir, mesh, spec)
   model_dir = None
   if int(jax.device_get(spec.state["step"])) >= config.train.num_steps:

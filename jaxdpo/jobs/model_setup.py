@@ -52,6 +52,11 @@ def parse_rules(spec: str):
     for a in axes_t:
       if a not in shd.MESH_AXES:
         raise ConfigError(f"config.sharding_rules: {item!r} names unknown mesh axis {a!r}")
+    if name.strip() == "batch" and axes_t != shd.BATCH_AXES:
+      # Batch placement is fixed in several places (host rows, put_batch, the steps' in_shardings,
+      # the planner, activation constraints); a different split would be accepted and not used.
+      raise ConfigError(f"config.sharding_rules: {item!r}: the batch is always split over "
+                        f"{'+'.join(shd.BATCH_AXES)}; other batch= placements are not supported (drop it)")
     table[name.strip()] = axes_t or None
   return tuple(table.items())
 

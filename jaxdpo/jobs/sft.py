@@ -6,6 +6,7 @@ import jax
 from tqdm.auto import tqdm
 
 from jaxdpo.parallel import distributed
+from jaxdpo.errors import ConfigError
 from jaxdpo.jobs import common, model_setup
 from jaxdpo.jobs import summary, validate
 from jaxdpo.train import optim
@@ -32,7 +33,15 @@ def tokenize_sft(source: str, tok, config, *, desc: str, vision=None) -> list[to
 
 
 def run(config, workdir: str) -> dict:
-  """Runs SFT; exports the final model to `workdir/model`."""
+  """Runs SFT; exports the final model to `workdir/model`.
+
+  Like the DPO job, it scores `data.eval` (mean NLL per token, every `train.eval_every` steps
+  and at the end) and logs the degeneration rate on `data.degeneration_eval`.
+  """
+  if config.train.device_memory_gb != 0:
+    # The memory planner models the DPO step only; accepting a budget it never checks would mislead.
+    raise ConfigError(f"config.train.device_memory_gb={config.train.device_memory_gb}: the memory plan is made for "
+                      "the dpo job only; leave it at 0 for sft")
   rules = model_setup.parse_rules(config.sharding_rules)
   mesh = shd.make_mesh(config.mesh)
   shd.check_batch(config.train.batch_size, mesh, rules)
@@ -40,8 +49,11 @@ def run(config, workdir: str) -> dict:
   vision = common.vision_adapter(config, tok)
   examples = tokenize_sft(config.data.train, tok, config, desc="train", vision=vision)
   validate.check_dataset_size(len(examples), config.train.batch_size, config.data.train)
-  if vision is not None:
-    vision = vision.with_budget(examples)
+  eval_examples = (tokenize_sft(config.data.eval, tok, config, desc="eval", vision=vision)
+                   if config.data.eval else [])
+  degen_vision = vision
+  if vision is not None:  # one static image budget for train and eval batches
+    vision = vision.with_budget(examples, eval_examples)
   bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed)
   common.check_vocab(tok, bundle.config, config.data.tokenizer)
   scfg = sft_step.SFTStepConfig(**common.compute_settings(config, bundle.family))
@@ -53,10 +65,16 @@ def run(config, workdir: str) -> dict:
   collate = lambda b: pipeline.collate_seqs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision)
   # As in the DPO job: every host walks the same global order and collates only its own rows,
   # so the trajectory does not depend on the number of hosts.
+  rows = distributed.host_rows(mesh, config.train.batch_size)
   iterator = pipeline.make_iterator(examples, batch_size=config.train.batch_size, collate=collate,
-                                    seed=config.seed, shuffle=config.data.shuffle,
-                                    host_rows=distributed.host_rows(mesh, config.train.batch_size))
-  spec = train.LoopSpec(step_fn=step_fn, state=state, ref=None, iterator=iterator, desc="sft")
+                                    seed=config.seed, shuffle=config.data.shuffle, host_rows=rows)
+  eval_fn = None
+  if eval_examples:
+    eval_step = update.make_eval_step(sft_step.objective(bundle.graphdef, scfg), mesh, bundle.param_shardings, None,
+                                      grad_accum=scfg.grad_accum)
+    eval_fn = common.held_out_eval_fn(config, eval_step, eval_examples, collate, mesh, rows)
+  spec = train.LoopSpec(step_fn=step_fn, state=state, ref=None, iterator=iterator, eval_fn=eval_fn, desc="sft",
+                        degeneration_fn=common.degeneration_eval_fn(config, tok, bundle, degen_vision))
   last = train.run_loop(config, workdir, mesh, spec)
   model_dir = None
   if int(jax.device_get(spec.state["step"])) >= config.train.num_steps:
