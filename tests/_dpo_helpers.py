@@ -78,3 +78,29 @@ def max_rel_err(a, b, mask=None):
   if mask is not None:
     a, b = a[mask], b[mask]
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def grad_recorder():
+  """An optax transformation whose update is zero and whose state is the step's raw gradient.
+
+  Passed to the real train step in place of AdamW, it exposes the gradient the step computed
+  (before clipping or any scale-invariant transformation) without changing the step's code.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+  zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+  return optax.GradientTransformation(init=zeros, update=lambda grads, state, params=None: (zeros(grads), grads))
+
+
+def assert_grads_close(ours: dict, theirs: dict, rel: float, what: str = ""):
+  """Per tensor: max|ours - theirs| / max|theirs| <= rel, and no tensor's gradient is all zero."""
+  assert sorted(ours) == sorted(theirs), what
+  worst = {}
+  for key in theirs:
+    scale = float(np.abs(np.asarray(theirs[key], np.float64)).max())
+    assert scale > 0, f"{what}{key}: zero gradient, the comparison would be vacuous"
+    worst[key] = max_rel_err(ours[key], theirs[key])
+  bad = {k: v for k, v in worst.items() if v > rel}
+  assert not bad, f"{what}per-tensor relative gradient errors above {rel}: {bad}"
+  return max(worst.values())

@@ -205,3 +205,50 @@ def test_three_adamw_steps_match_trl(setup, moved):
     np.testing.assert_allclose(ours[name], theirs, atol=1e-4, rtol=0, err_msg=name)
     moved_any |= float(np.abs(theirs - start[name]).max()) > 1e-3
   assert moved_any  # three steps of lr 1e-3 must have moved the weights
+
+
+def _trl_gradients(trainer):
+  """Torch autograd of TRL's own DPO loss on the whole batch: {HF name: grad}, and TRL's logged
+  grad_norm of one real training step (the pre-clipping norm the HF Trainer logs)."""
+  batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+  model = trainer.model
+  model.train()
+  model.zero_grad()
+  trainer.compute_loss(model, batch).backward()
+  grads = {name: p.grad.detach().numpy().copy() for name, p in model.named_parameters()}
+  model.zero_grad()
+  trainer.train()
+  logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+  return grads, float(logged[0])
+
+
+def test_gradients_and_grad_norm_match_trl(setup, moved):
+  """The train step's raw gradient (per tensor, relative to each tensor's max) and its logged
+  grad_norm equal TRL's. Parameters after clipping + Adam cannot show a constant gradient factor."""
+  from jaxdpo.models import registry
+  from jaxdpo.models.convert_table import jax_to_hf
+  from jaxdpo.parallel import sharding as shd
+  from tests._dpo_helpers import assert_grads_close, grad_recorder
+  tmp, hf, _, graphdef, ref_params = setup
+  policy, pparams = moved
+  trainer = _trainer(tmp, _copy(policy), _copy(hf), ["sigmoid"], beta=0.1, max_steps=1)
+  batch = _our_batch(trainer)
+  theirs, trl_grad_norm = _trl_gradients(trainer)
+
+  mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+  params = jax.device_put(pparams, shd.replicated(mesh))
+  ref = jax.device_put(ref_params, shd.replicated(mesh))
+  tx = grad_recorder()
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  shardings = jax.tree.map(lambda _: shd.replicated(mesh), state)
+  cfg = step_lib.StepConfig(loss=losses.DPOLossConfig(loss_type="sigmoid", beta=0.1), logprob_chunk=5)
+  step = update.make_train_step(step_lib.objective(graphdef, cfg), tx, mesh, shardings,
+                                jax.tree.map(lambda _: shd.replicated(mesh), ref))
+  state, metrics = step(state, ref, shd.put_batch(batch, mesh))
+  assert float(metrics["grad_norm"]) == pytest.approx(trl_grad_norm, rel=1e-4)
+
+  _, cfg_m = io.read_model_meta(str(tmp / "policy-ckpt"))
+  ours = jax_to_hf({k: np.asarray(v) for k, v in io.flatten(jax.device_get(state["opt_state"])).items()},
+                   registry.get_family("qwen2").rules(cfg_m))
+  worst = assert_grads_close(ours, theirs, rel=1e-4, what="jaxdpo vs TRL: ")
+  assert worst < 1e-4
