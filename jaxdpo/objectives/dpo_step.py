@@ -65,11 +65,26 @@ def softcap(cfg, model):
   return logprobs.resolve_softcap(cfg.logit_softcap, model)
 
 
+def params_identical(params, ref_params) -> jax.Array:
+  """A traced bool: every policy tensor equals the reference's bit for bit (same shapes and dtypes)."""
+  a, b = jax.tree.leaves(params), jax.tree.leaves(ref_params)
+  if jax.tree.structure(params) != jax.tree.structure(ref_params) or any(
+      x.shape != y.shape or x.dtype != y.dtype for x, y in zip(a, b)):
+    return jnp.asarray(False)
+  return jnp.all(jnp.stack([jnp.array_equal(x, y) for x, y in zip(a, b)]))
+
+
 def loss_terms(params, ref_params, batch, graphdef, cfg: StepConfig, n_pairs, n_chosen_tokens):
   """This micro-batch's share of the global loss and the metric sums.
 
   The loss is normalised by the *global* pair and token counts, so summing the shares of
   micro-batches gives exactly the loss (and gradient) of the whole batch.
+
+  When the policy equals the reference bit for bit (step 1), the reference log-probs are the
+  policy's own, so rewards, margins and accuracy are exactly 0 as in TRL. Otherwise the two
+  forward passes, compiled differently (only one is differentiated), differ by rounding (~1e-6)
+  and step 1's accuracy is noise. The comparison reads both trees once per micro-batch, which
+  the two forward passes read anyway.
   """
   seq, per_tok, counts = pair_logps(graphdef, params, batch, cfg)
   if "ref_logps" in batch:
@@ -79,6 +94,7 @@ def loss_terms(params, ref_params, batch, graphdef, cfg: StepConfig, n_pairs, n_
   else:
     ref, _, _ = pair_logps(graphdef, jax.lax.stop_gradient(ref_params), batch, cfg)
     ref = jax.lax.stop_gradient(ref)
+    ref = jnp.where(params_identical(params, ref_params), jax.lax.stop_gradient(seq), ref)
   pl, ratio_c, ratio_r = losses.pair_losses(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],
                                             cfg.loss)
   loss = pl.sum() / n_pairs
