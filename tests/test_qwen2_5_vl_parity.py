@@ -103,7 +103,7 @@ def test_logits_match_transformers(setup, rows):
   out = np.asarray(logits({k: jnp.asarray(x) for k, x in inputs.items()}))
   real = setup["mask"].astype(bool)
   err = _rel(out[real], setup["logits"][real])
-  assert err < 1e-4, err
+  assert err < 1e-5, err  # fp32 noise floor is ~2e-7 to 5e-7
   # The image rows really depend on the pixels: other pixels give other logits.
   inputs["pixel_values"] = inputs["pixel_values"] + 1.0
   moved = np.asarray(logits({k: jnp.asarray(x) for k, x in inputs.items()}))
@@ -118,7 +118,7 @@ def test_text_only_batch_needs_no_pixels(setup):
   assert "pixel_values" not in inputs
   out = np.asarray(H.jitted(setup["model"], H.full_logits)(inputs))
   real = mask.astype(bool)
-  assert _rel(out[real], setup["logits"][2:][real]) < 1e-4
+  assert _rel(out[real], setup["logits"][2:][real]) < 1e-5
 
 
 def test_mismatched_image_tokens_are_rejected(setup):
@@ -151,6 +151,6 @@ def test_rows_sharing_images_match_transformers(setup):
   assert inputs["pixel_values"].shape == (3, 168, 96)  # each image set once; row 2 is empty
   out = np.asarray(H.jitted(setup["model"], H.full_logits)({k: jnp.asarray(x) for k, x in inputs.items()}))
   real = mask.astype(bool)
-  assert _rel(out[real], ref[real]) < 1e-4
+  assert _rel(out[real], ref[real]) < 1e-5
   with pytest.raises(ValueError, match="text rows sharing vision row 0 hold different numbers of images"):
     qin.make_inputs(cfg, ids, mask, v["pixel_values"], grid, num_patches=168, num_images=2, vision_row=[0, 0, 0, 1])
