@@ -79,7 +79,7 @@ def test_missing_and_unreadable_images_name_the_record(env, job):
   tok, vision = _vision(config)
   src = env["sft"] if job == "sft" else env["prompts"]
   load = ((lambda p: sft_job.tokenize_sft(p, tok, config, desc="t", vision=vision)) if job == "sft" else
-          (lambda p: sampling_run.load_prompts(p, tok, config, vision)))
+          (lambda p: sampling_run.load_prompts(p, tok, common.prompt_config(config), vision)))
   assert len(load(src)) == 6
   data_dir = os.path.dirname(src)
   missing = _rewrite(src, os.path.join(data_dir, f"{job}_missing.jsonl"), 2, images=["img/gone.png"])

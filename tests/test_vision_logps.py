@@ -156,7 +156,7 @@ def test_greedy_generation_with_images_matches_transformers(setup):
   tok, config = setup["tok"], setup["config"]
   config.generate.max_prompt_length = 48
   vision = common.vision_adapter(config, tok)
-  items = sampling_run.load_prompts(setup["prompts"], tok, config, vision)
+  items = sampling_run.load_prompts(setup["prompts"], tok, common.prompt_config(config), vision)
   model = nnx.merge(setup["graphdef"], setup["params"])
   rows = sampling_run.run_generation(model, tok, items, params=sampling_run.SamplingParams(new), batch_size=4,
                                      max_prompt_length=48, progress=False, vision=vision)

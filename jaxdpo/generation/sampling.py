@@ -18,13 +18,18 @@ from jaxdpo.data.vision import adapters as multimodal
 log = logging.getLogger("jaxdpo")
 
 
-def degeneration_config(config) -> degeneration.DegenerationConfig:
-  d = config.degeneration
-  return degeneration.DegenerationConfig(min_period=d.min_period, max_period=d.max_period, min_repeats=d.min_repeats,
-                                         tail_window=d.tail_window, min_tail_coverage=d.min_tail_coverage)
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+  """How prompt records are read and tokenized for generation (the jobs build it from the config)."""
+
+  split: str = "train"
+  max_prompt_length: int = 256
+  truncation: str = "keep_end"
+  use_chat_template: bool = True
 
 
-def load_prompts(source: str, tok, config, vision=None) -> list[tuple[records.Record, tokenize.TokenizedSeq]]:
+def load_prompts(source: str, tok, pcfg: PromptConfig,
+                 vision=None) -> list[tuple[records.Record, tokenize.TokenizedSeq]]:
   """Validated and tokenized {"prompt", "reference"?, "images"?} records.
 
   `vision`: the model family's `multimodal.VisionAdapter` (None for text models, which then
@@ -32,11 +37,10 @@ def load_prompts(source: str, tok, config, vision=None) -> list[tuple[records.Re
   """
   out = []
   base_dir = multimodal.base_dir_of(source)
-  for where, row in records.load_rows(source, config.data.split):
+  for where, row in records.load_rows(source, pcfg.split):
     rec = records.validate_completion(where, row, completion_field="reference", require_completion=False)
-    out.append((rec, tokenize.tokenize_prompt(tok, rec, max_prompt_length=config.generate.max_prompt_length,
-                                              truncation=config.data.truncation,
-                                              use_chat_template=config.data.use_chat_template,
+    out.append((rec, tokenize.tokenize_prompt(tok, rec, max_prompt_length=pcfg.max_prompt_length,
+                                              truncation=pcfg.truncation, use_chat_template=pcfg.use_chat_template,
                                               images=multimodal.record_images(vision, rec, base_dir))))
   if not out:
     raise records.DataError(f"{source}: no records")

@@ -57,7 +57,7 @@ def degeneration_eval_fn(config, tok, bundle, vision=None):
   from flax import nnx
   from jaxdpo.generation import degeneration
   from jaxdpo.generation import sampling as sampling_run
-  items = sampling_run.load_prompts(config.data.degeneration_eval, tok, config, vision)
+  items = sampling_run.load_prompts(config.data.degeneration_eval, tok, prompt_config(config), vision)
   g = config.generate
 
   def fn(params):
@@ -65,7 +65,7 @@ def degeneration_eval_fn(config, tok, bundle, vision=None):
     rows = sampling_run.run_generation(
         model, tok, items, params=sampling_run.SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k),
         batch_size=g.batch_size, max_prompt_length=g.max_prompt_length, seed=config.seed,
-        degen_cfg=sampling_run.degeneration_config(config), progress=False, vision=vision)
+        degen_cfg=degeneration_config(config), progress=False, vision=vision)
     r = degeneration.rates(_VerdictView(row) for row in rows)
     return {"eval/degeneration_rate": r["degeneration_rate"], "eval/early_loop_rate": r["early_loop_rate"],
             "eval/hit_limit_rate": r["hit_limit_rate"]}
@@ -79,3 +79,19 @@ class _VerdictView:
     self.is_degenerate = row["is_degenerate"]
     self.is_early_loop = row["is_early_loop"]
     self.hit_limit = row["hit_limit"]
+
+
+def prompt_config(config):
+  """How the generation jobs read and tokenize prompt records (`data.*`, `generate.max_prompt_length`)."""
+  from jaxdpo.generation import sampling
+  d = config.data
+  return sampling.PromptConfig(split=d.split, max_prompt_length=config.generate.max_prompt_length,
+                               truncation=d.truncation, use_chat_template=d.use_chat_template)
+
+
+def degeneration_config(config):
+  """The detector's settings (`config.degeneration.*`)."""
+  from jaxdpo.generation import degeneration
+  d = config.degeneration
+  return degeneration.DegenerationConfig(min_period=d.min_period, max_period=d.max_period, min_repeats=d.min_repeats,
+                                         tail_window=d.tail_window, min_tail_coverage=d.min_tail_coverage)

@@ -34,7 +34,7 @@ def load_generation_model(config):
 
 def summary_for(rows, config) -> dict:
   summary = eval_stats.summarize(rows)
-  summary["degeneration_config"] = dataclasses.asdict(sampling_run.degeneration_config(config))
+  summary["degeneration_config"] = dataclasses.asdict(common.degeneration_config(config))
   summary["generate"] = config.generate.to_dict()
   summary["model"] = config.model.checkpoint or f"{config.model.family}:{config.model.preset} (random init)"
   return summary
@@ -46,14 +46,14 @@ def run(config, workdir: str) -> dict:
     raise ConfigError("config.data.prompts is empty: the eval job needs {prompt, reference?} records")
   tok = tokenize.load_tokenizer(config.data.tokenizer)
   vision = common.vision_adapter(config, tok)
-  items = sampling_run.load_prompts(config.data.prompts, tok, config, vision)
+  items = sampling_run.load_prompts(config.data.prompts, tok, common.prompt_config(config), vision)
   bundle, model = load_generation_model(config)
   vocab_warning = sampling_run.warn_vocab_mismatch(tok, bundle.config, config.data.tokenizer)
   g = config.generate
   rows = sampling_run.run_generation(
       model, tok, items, params=sampling_run.SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k),
       batch_size=g.batch_size, max_prompt_length=g.max_prompt_length, seed=config.seed,
-      degen_cfg=sampling_run.degeneration_config(config), desc="eval", progress=config.train.progress,
+      degen_cfg=common.degeneration_config(config), desc="eval", progress=config.train.progress,
       vision=vision)
   summary = summary_for(rows, config)
   if vocab_warning:

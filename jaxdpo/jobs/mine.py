@@ -82,14 +82,14 @@ def run(config, workdir: str) -> dict:
     raise ConfigError("config.data.prompts is empty: the mine job needs {prompt, reference} records")
   tok = tokenize.load_tokenizer(config.data.tokenizer)
   vision = common.vision_adapter(config, tok)
-  items = sampling_run.load_prompts(config.data.prompts, tok, config, vision)
+  items = sampling_run.load_prompts(config.data.prompts, tok, common.prompt_config(config), vision)
   bundle, model = eval_job.load_generation_model(config)
   vocab_warning = sampling_run.warn_vocab_mismatch(tok, bundle.config, config.data.tokenizer)
   rows = sampling_run.run_generation(
       model, tok, items,
       params=sampling_run.SamplingParams(config.generate.max_new_tokens, m.temperature, m.top_p, m.top_k),
       batch_size=config.generate.batch_size, max_prompt_length=config.generate.max_prompt_length,
-      num_samples=m.num_samples, seed=config.seed, degen_cfg=sampling_run.degeneration_config(config), desc="mine",
+      num_samples=m.num_samples, seed=config.seed, degen_cfg=common.degeneration_config(config), desc="mine",
       progress=config.train.progress, vision=vision)
   by_record: dict[int, list[dict]] = {}
   for r in rows:
