@@ -47,3 +47,11 @@ class MemoryPlanError(ConfigError):
 
 class DistributedInitError(UserError, RuntimeError):
   """The multi-host runtime could not be started; the message says what to check."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+  """A step's loss or gradient norm was NaN or inf; the message names the step and the metric."""
+
+
+class CheckpointError(UserError, RuntimeError):
+  """No training checkpoint in the workdir can be restored; the message says what to do."""

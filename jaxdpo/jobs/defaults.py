@@ -103,5 +103,7 @@ def base() -> ml_collections.ConfigDict:
   c.train.straggler_factor = 10.0   # warn when a step takes this many times the median; 0 = off
   c.train.device_memory_gb = 0.0    # per-device budget for the memory planner; 0 = ask the backend, <0 = no check
   c.train.allow_changed = ""        # resume despite these changed keys, e.g. train.num_steps,train.log_every ("safe": all safe ones)
+  c.train.on_nonfinite = "stop"     # a NaN/inf loss or grad norm: stop naming the step | skip the update (counted)
+  c.train.debug_nonfinite_step = -1 # tests: the loss and gradients of this step are made NaN inside the step
   c.train.debug_sigterm_step = -1   # tests: the last process sends itself SIGTERM after this step
   return c

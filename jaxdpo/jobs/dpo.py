@@ -132,7 +132,7 @@ def run(config, workdir: str) -> dict:
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   ref_sh = None if ref_params is None else bundle.param_shardings
   step_fn = update.make_train_step(step_lib.objective(bundle.graphdef, scfg), tx, mesh, state_sh, ref_sh, schedule,
-                                   grad_accum=scfg.grad_accum)
+                                   grad_accum=scfg.grad_accum, debug_nonfinite_step=config.train.debug_nonfinite_step)
   memory.compiled_check(plan, step_fn, state, ref_params, collate(train_examples[:1]), config.train.batch_size, mesh,
                         config.train.device_memory_gb)  # compiles the step once; the loop reuses it
 

@@ -60,7 +60,8 @@ def run(config, workdir: str) -> dict:
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
   state = train.init_state(bundle, tx, mesh)
   step_fn = update.make_train_step(sft_step.objective(bundle.graphdef, scfg), tx, mesh,
-                                   jax.tree.map(lambda x: x.sharding, state), None, schedule, grad_accum=scfg.grad_accum)
+                                   jax.tree.map(lambda x: x.sharding, state), None, schedule, grad_accum=scfg.grad_accum,
+                                   debug_nonfinite_step=config.train.debug_nonfinite_step)
   pad_id = tokenize.pad_token_id(tok)
   collate = lambda b: pipeline.collate_seqs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision)
   # As in the DPO job: every host walks the same global order and collates only its own rows,

@@ -7,10 +7,15 @@ and restores (orbax coordinates them); only the array shards a host owns are wri
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
+
+from jaxdpo.errors import CheckpointError
+
+log = logging.getLogger("jaxdpo")
 
 
 class Checkpointer:
@@ -43,6 +48,48 @@ class Checkpointer:
       args["data"] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
     return out["state"], (out["data"] if has_data else None)
+
+  def restore_latest_complete(self, abstract_state):
+    """(step, (state, data_state)) of the newest checkpoint that restores, or (None, None) when there is none.
+
+    A newer checkpoint that fails to restore (truncated or corrupt files) is moved aside as
+    `STEP.corrupt` with a warning, and the one before it is tried; when every checkpoint fails,
+    the run is refused rather than silently started again from step 0.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+      try:
+        return step, self.restore(step, abstract_state)
+      except Exception as e:  # noqa: BLE001  (orbax raises many kinds for damaged files)
+        detail = " ".join(str(e).split())[:300]
+        failures.append(f"step {step}: {type(e).__name__}: {detail}")
+        older = [s for s in steps if s < step]
+        log.warning("checkpoint step %d in %s cannot be restored (%s: %s); %s", step, self.directory,
+                    type(e).__name__, detail,
+                    f"falling back to step {older[0]}" if older else "no older checkpoint is left")
+        self._set_aside(step)
+    if failures:
+      raise CheckpointError(f"{self.directory}: no checkpoint could be restored ({'; '.join(failures)}); the "
+                            "damaged ones were renamed *.corrupt. Use a new --workdir, or remove "
+                            f"{self.directory} to start again from step 0")
+    return None, None
+
+  def _set_aside(self, step: int):
+    """Renames a damaged step directory so that neither a restore nor a later save of that step meets it."""
+    self.manager.wait_until_finished()
+    src = os.path.join(self.directory, str(step))
+    dst = f"{src}.corrupt"
+    n = 1
+    while os.path.exists(dst):
+      n += 1
+      dst = f"{src}.corrupt{n}"
+    if jax.process_index() == 0:
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"jaxdpo_set_aside_{step}")
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()

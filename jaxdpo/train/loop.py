@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxdpo import errors
 from jaxdpo.train import checkpoint as ckpt_lib
 from jaxdpo.train import metrics as metrics_writer
 from jaxdpo.parallel import sharding as shd
@@ -115,9 +116,9 @@ def run_loop(config, workdir: str, mesh, spec: LoopSpec) -> dict:
                                        save_every=tcfg.ckpt_every)
   state = spec.state
   start = 0
-  latest = checkpointer.latest_step()
+  latest, restored = checkpointer.restore_latest_complete(ckpt_lib.abstract_like(state))
   if latest is not None:
-    state, data_state = checkpointer.restore(latest, ckpt_lib.abstract_like(state))
+    state, data_state = restored
     if data_state is not None:
       spec.iterator.set_state(data_state)
     start = int(latest)
@@ -128,7 +129,8 @@ def run_loop(config, workdir: str, mesh, spec: LoopSpec) -> dict:
   writer = metrics_writer.MetricsWriter(workdir, resume_step=start, tensorboard=tcfg.tensorboard)
   show = tcfg.progress and jax.process_index() == 0
   bar = tqdm(total=tcfg.num_steps, initial=start, desc=spec.desc, disable=not show, dynamic_ncols=True)
-  run = _Progress(step=start, saved=latest, state=state)
+  run = _Progress(step=start, saved=latest, state=state,
+                  skipped=int(writer.last_row.get("nonfinite_skipped", 0)) if start else 0)
   try:
     with PreemptionGuard() as guard:
       _run_steps(config, mesh, spec, run, checkpointer, writer, bar, guard, end, show)
@@ -164,6 +166,24 @@ class _Progress:
   state: dict
   last: dict = dataclasses.field(default_factory=dict)
   reason: str = "finished"
+  skipped: int = 0  # steps whose update was skipped for a non-finite loss or grad norm (whole run)
+
+
+def _nonfinite(tcfg, run: _Progress, metrics: dict, checkpointer):
+  """A step with a NaN/inf loss or grad norm (its update was not applied): stop, or count it and go on."""
+  values = {k: float(v) for k, v in jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")}).items()}
+  bad = ", ".join(f"{k}={values[k]}" for k in ("loss", "grad_norm") if not np.isfinite(values[k]))
+  if tcfg.on_nonfinite == "skip":
+    run.skipped += 1
+    log.warning("step %d: non-finite %s; update skipped (%d so far, train.on_nonfinite=skip)", run.step, bad,
+                run.skipped)
+    return
+  checkpointer.close()  # saves of earlier steps complete; nothing of this step is saved
+  where = (f"the latest checkpoint is step {run.saved} in {checkpointer.directory}" if run.saved is not None
+           else "no checkpoint was saved")
+  raise errors.NonFiniteError(f"step {run.step}: non-finite {bad}; training stopped and this step was not "
+                              f"saved ({where}). Lower optim.lr or check the data; "
+                              "--config.train.on_nonfinite=skip skips such steps instead")
 
 
 def _say(line: str):
@@ -180,17 +200,20 @@ def _run_steps(config, mesh, spec: LoopSpec, run: _Progress, checkpointer, write
     t0 = time.perf_counter()
     batch = shd.put_batch(next(spec.iterator), mesh)
     run.state, metrics = spec.step_fn(run.state, spec.ref, batch)
-    if tcfg.straggler_factor > 0:
-      # Per-step timing needs the step to finish; the cost is one host sync per step.
-      jax.block_until_ready(metrics)
+    # One scalar per step reaches the host (a sync): a non-finite step must be seen before any save.
+    metrics = dict(metrics)
+    nonfinite = bool(jax.device_get(metrics.pop("nonfinite", 0.0)))
     run.step += 1
     step = run.step
-    want_log = step % tcfg.log_every == 0 or step == end
+    if nonfinite:
+      _nonfinite(tcfg, run, metrics, checkpointer)
+    want_log = step % tcfg.log_every == 0 or step == end or nonfinite
     # Held-out data is always scored at the end of the run; eval_every adds evals on the way.
     want_eval = spec.eval_fn is not None and (step == end or _due(step, end, tcfg.eval_every))
     want_degen = spec.degeneration_fn is not None and _due(step, end, tcfg.degeneration_eval_every)
     if want_log or want_eval or want_degen:
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      last["nonfinite_skipped"] = float(run.skipped)
       if want_eval:
         last.update(spec.eval_fn(run.state["params"]))
       if want_degen:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
 import jax
+
+from jaxdpo.errors import DataError
+
+log = logging.getLogger("jaxdpo")
 
 
 class MetricsWriter:
@@ -20,11 +25,16 @@ class MetricsWriter:
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
+    self.last_row: dict = {}  # the last row kept on resume
     if not self.enabled:
       return
+    self.last_row: dict = {}  # the last row kept on resume
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      kept = []
+      for row, line in _rows(self.path):
+        if row.get("step", 0) <= resume_step:
+          kept.append(line)
+          self.last_row = row
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:
         f.writelines(kept)
@@ -51,6 +61,23 @@ class MetricsWriter:
   def close(self):
     if self.tb is not None:
       self.tb.close()
+
+
+def _rows(path: str) -> list[tuple[dict, str]]:
+  """(row, line) of every line of metrics.jsonl. A cut-off last line (a kill during a write) is
+  dropped with a warning; a malformed line before it is an error naming the line."""
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  out = []
+  for i, line in enumerate(lines, 1):
+    try:
+      out.append((json.loads(line), line if line.endswith("\n") else line + "\n"))
+    except json.JSONDecodeError as e:
+      if i == len(lines):
+        log.warning("%s:%d: dropping a truncated last line (the previous run was killed while writing it)", path, i)
+        break
+      raise DataError(f"{path}:{i}: malformed metrics line ({e.msg}); fix or remove the file to resume") from e
+  return out
 
 
 def _scalar(v):

@@ -28,7 +28,7 @@ def batch_shardings(mesh):
 
 
 def make_update_step(grad_fn: Callable, tx: optax.GradientTransformation, mesh, state_shardings, ref_shardings,
-                     schedule: Callable | None = None):
+                     schedule: Callable | None = None, *, debug_nonfinite_step: int = -1):
   """Returns jitted `step(state, ref, batch) -> (state, metrics)` with the state donated.
 
   Args:
@@ -38,12 +38,25 @@ def make_update_step(grad_fn: Callable, tx: optax.GradientTransformation, mesh, 
     state_shardings: shardings of {"step", "params", "opt_state"}.
     ref_shardings: shardings of the reference params (or None).
     schedule: learning-rate schedule, logged as `lr`.
+    debug_nonfinite_step: tests only: the loss and gradients of this step (1-based) are made NaN.
+
+  A step whose loss or gradient norm is not finite leaves params and optimizer state as they
+  were (its `nonfinite` metric is 1): a NaN never reaches the state, so it can never be
+  checkpointed. The loop then stops or skips (`train.on_nonfinite`).
   """
   def step(state, ref, batch):
     metrics, grads = grad_fn(state["params"], ref, batch)
+    if debug_nonfinite_step > 0:
+      poison = jnp.where(state["step"] + 1 == debug_nonfinite_step, jnp.nan, 1.0).astype(jnp.float32)
+      metrics["loss"] = metrics["loss"] * poison
+      grads = jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+    metrics["nonfinite"] = (~finite).astype(jnp.float32)
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
@@ -77,7 +90,7 @@ def accumulated(objective: Callable, params, ref, batch: dict, grad_accum: int, 
 
 
 def make_train_step(objective: Callable, tx: optax.GradientTransformation, mesh, state_shardings, ref_shardings,
-                    schedule: Callable | None = None, *, grad_accum: int = 1):
+                    schedule: Callable | None = None, *, grad_accum: int = 1, debug_nonfinite_step: int = -1):
   """Jitted `step(state, ref, batch) -> (state, metrics)` for `objective`; `state` is donated.
 
   `state` is {"step": int32 [], "params": pure dict, "opt_state": optax state}.
@@ -85,7 +98,8 @@ def make_train_step(objective: Callable, tx: optax.GradientTransformation, mesh,
   def grad_fn(params, ref, batch):
     return accumulated(objective, params, ref, batch, grad_accum, with_grad=True)
 
-  return make_update_step(grad_fn, tx, mesh, state_shardings, ref_shardings, schedule)
+  return make_update_step(grad_fn, tx, mesh, state_shardings, ref_shardings, schedule,
+                          debug_nonfinite_step=debug_nonfinite_step)
 
 
 def make_eval_step(objective: Callable, mesh, param_shardings, ref_shardings, *, grad_accum: int = 1):
