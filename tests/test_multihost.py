@@ -66,9 +66,9 @@ def test_sigterm_on_one_host_stops_both_and_resume_matches(runs):
   interrupted = runs["interrupted"]
   mh.assert_ok(interrupted)  # both processes exit 0 after the checkpoint
   err0, err1 = interrupted[0][2], interrupted[1][2]
-  assert "received signal 15" in err1 and "received signal" not in err0  # only process 1 got it...
-  assert "checkpoint at step 2 saved after SIGTERM" in err0  # ...yet process 0 stopped at the same step
-  assert "checkpoint at step 2 saved after SIGTERM" in err1
+  assert "SIGTERM received" in err1 and "received" not in err0  # only process 1 got it...
+  assert "stopped by a signal on another host after step 2: checkpoint saved to" in err0  # ...yet process 0
+  assert "stopped by SIGTERM after step 2: checkpoint saved to" in err1                   # stopped at the same step
   assert runs["ckpts_after_interrupt"] == [2]
   assert runs["metrics_after_interrupt"] == [1, 2]
 

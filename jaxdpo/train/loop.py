@@ -152,8 +152,9 @@ def run_loop(config, workdir: str, mesh, spec: LoopSpec) -> dict:
     _say(f"stopped at config.train.stop_at_step={run.step}: checkpoint saved to {path}; "
          "re-run without stop_at_step to continue")
   else:
-    _say(f"stopped by {run.reason} after step {run.step}: checkpoint saved to {path}; "
-         "re-run the same command to resume")
+    # Every host says it, so that each host's log shows where it stopped.
+    print(f"stopped by {run.reason} after step {run.step}: checkpoint saved to {path}; "
+          "re-run the same command to resume", file=sys.stderr, flush=True)
   return run.last
 
 
