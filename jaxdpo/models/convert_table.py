@@ -2,9 +2,11 @@
 
 A family describes its checkpoint as a list of `Rule`s: a regex over the *canonical* HF key
 (after the family's key normaliser has folded legacy layouts into one) and a template for the
-jaxdpo parameter path, plus the transform each way (transpose / reshape). Conversion streams
+jaxdpo parameter path, plus the transform each way (transpose / reshape). Conversion reads
 one safetensors shard at a time, checks every shape against the abstract model, and fails
 with the full list of unconsumed, missing and mis-shaped keys before anything is written.
+Reading streams; `hf-to-jax` and `jax-to-hf` still hold the whole converted tree in host
+memory before writing it (issue 11 item 6, not yet built).
 """
 
 from __future__ import annotations
