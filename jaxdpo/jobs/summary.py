@@ -31,9 +31,12 @@ def write(config, workdir: str, outcome: dict, last: dict, model_dir: str | None
       "model": model_dir,
       "metrics": os.path.join(workdir, "metrics.jsonl"),
       "config": os.path.join(workdir, "config.json"),
-      "export_command": (f"python -m jaxdpo.convert jax-to-hf --ckpt {shlex.quote(model_dir)} "
-                         f"--out {shlex.quote(os.path.join(workdir, 'hf'))}") if model_dir else None,
+      "export_command": None,
   }
+  # jax-to-hf needs the source HF config; a model initialised from a preset has none yet (a known gap).
+  if model_dir and os.path.exists(os.path.join(model_dir, "hf_config.json")):
+    summary["export_command"] = (f"python -m jaxdpo.convert jax-to-hf --ckpt {shlex.quote(model_dir)} "
+                                 f"--out {shlex.quote(os.path.join(workdir, 'hf'))}")
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json.tmp"), "w") as f:
       json.dump(summary, f, indent=2)
@@ -63,4 +66,6 @@ def render(summary: dict) -> str:
   lines.append(f"  metrics  {summary['metrics']}")
   if summary["export_command"]:
     lines.append(f"  export   {summary['export_command']}")
+  elif summary["model"]:
+    lines.append("  export   not available: the model was initialised from a preset (no hf_config.json)")
   return "\n".join(lines)
