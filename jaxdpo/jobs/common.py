@@ -6,8 +6,9 @@ import jax
 
 from jaxdpo.data import records
 from jaxdpo.data.vision import adapters
-from jaxdpo.jobs import model_setup
+from jaxdpo.jobs import model_setup, summary
 from jaxdpo.models import registry
+from jaxdpo.train import loop as train
 
 
 def check_vocab(tok, model_cfg, where: str):
@@ -95,3 +96,17 @@ def degeneration_config(config):
   d = config.degeneration
   return degeneration.DegenerationConfig(min_period=d.min_period, max_period=d.max_period, min_repeats=d.min_repeats,
                                          tail_window=d.tail_window, min_tail_coverage=d.min_tail_coverage)
+
+
+def train_and_finish(config, workdir: str, mesh, spec, bundle):
+  """Runs the training loop, exports the model once `num_steps` is reached, and writes the summary.
+
+  Returns the last logged metrics. A run stopped early (interrupt, non-finite guard) writes its summary
+  without exporting, so that an unfinished model is never taken for the result.
+  """
+  last = train.run_loop(config, workdir, mesh, spec)
+  model_dir = None
+  if int(jax.device_get(spec.state["step"])) >= config.train.num_steps:
+    model_dir = train.export_final_model(workdir, config, bundle, spec.state["params"])
+  summary.write(config, workdir, spec.outcome, last, model_dir)
+  return last

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from jaxdpo.parallel import distributed
 from jaxdpo.errors import ConfigError
 from jaxdpo.jobs import common, model_setup
-from jaxdpo.jobs import summary, validate
+from jaxdpo.jobs import validate
 from jaxdpo.train import optim
 from jaxdpo.train import loop as train
 from jaxdpo.train import update
@@ -76,9 +76,4 @@ def run(config, workdir: str) -> dict:
     eval_fn = common.held_out_eval_fn(config, eval_step, eval_examples, collate, mesh, rows)
   spec = train.LoopSpec(step_fn=step_fn, state=state, ref=None, iterator=iterator, eval_fn=eval_fn, desc="sft",
                         degeneration_fn=common.degeneration_eval_fn(config, tok, bundle, degen_vision))
-  last = train.run_loop(config, workdir, mesh, spec)
-  model_dir = None
-  if int(jax.device_get(spec.state["step"])) >= config.train.num_steps:
-    model_dir = train.export_final_model(workdir, config, bundle, spec.state["params"])
-  summary.write(config, workdir, spec.outcome, last, model_dir)
-  return last
+  return common.train_and_finish(config, workdir, mesh, spec, bundle)
