@@ -24,6 +24,8 @@ def base() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"   # float32 | bfloat16 (master weights)
   c.model.compute_dtype = "float32" # float32 | bfloat16 (matmuls and activations)
   c.model.attention_impl = ""       # "" = auto: cudnn on GPU, xla elsewhere
+  c.model.trainable = "all"         # all | language (vision tower + projector frozen) | a regex over
+                                    # parameter paths (matching ones train), e.g. "language_model/layers/(2[4-9]|3)"
 
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # axis sizes; one may be -1 (the rest)
   c.sharding_rules = ""             # "" = jaxdpo.parallel.sharding.DEFAULT_RULES; else "name=axis1+axis2,name2=,..."

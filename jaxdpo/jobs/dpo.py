@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from jaxdpo.parallel import distributed
 from jaxdpo.parallel import memory
+from jaxdpo.models import trainable as trainable_lib
 from jaxdpo.jobs import common, model_setup
 from jaxdpo.jobs import validate
 from jaxdpo.train import optim
@@ -47,7 +48,8 @@ def memory_run(config) -> memory.DPORun:
                                                                                          compute),
                        tx=tx, reference_model=not config.dpo.reference_free and config.dpo.reference == "model",
                        batch_size=config.train.batch_size, grad_accum=config.train.grad_accum,
-                       seq_len=config.data.max_length, logprob_chunk=config.train.logprob_chunk)
+                       seq_len=config.data.max_length, logprob_chunk=config.train.logprob_chunk,
+                       trainable=trainable_lib.predicate(config.model.trainable, family))
 
 
 def tokenize_preferences(source: str, tok, config, *, desc: str, vision=None) -> list[tokenize.TokenizedPair]:
@@ -128,11 +130,13 @@ def run(config, workdir: str) -> dict:
                            out_shardings=bundle.param_shardings)(bundle.params)
 
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
-  state = train.init_state(bundle, tx, mesh)
+  mask = model_setup.trainable_mask(config.model, bundle)
+  state = train.init_state(bundle, tx, mesh, mask)
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   ref_sh = None if ref_params is None else bundle.param_shardings
   step_fn = update.make_train_step(step_lib.objective(bundle.graphdef, scfg), tx, mesh, state_sh, ref_sh, schedule,
-                                   grad_accum=scfg.grad_accum, debug_nonfinite_step=config.train.debug_nonfinite_step)
+                                   grad_accum=scfg.grad_accum, debug_nonfinite_step=config.train.debug_nonfinite_step,
+                                   trainable_mask=mask)
   memory.compiled_check(plan, step_fn, state, ref_params, collate(train_examples[:1]), config.train.batch_size, mesh,
                         config.train.device_memory_gb)  # compiles the step once; the loop reuses it
 

@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.models import io, registry
+from jaxdpo.models import trainable as trainable_lib
 from jaxdpo.errors import ConfigError
 
 
@@ -87,3 +88,16 @@ def setup_model(model_cfg, mesh, rules, *, seed: int) -> ModelBundle:
       return nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
     params = jax.jit(init, out_shardings=p_sh)()
   return ModelBundle(family, cfg, graphdef, params, p_sh, abstract)
+
+
+def trainable_mask(model_cfg, bundle: ModelBundle):
+  """The bool tree of trainable params named by `config.model.trainable` (None: all train)."""
+  spec = model_cfg.trainable
+  mask = trainable_lib.mask_of(bundle.params, trainable_lib.predicate(spec, bundle.family), spec)
+  if mask is not None:
+    import logging
+    n_all = sum(x.size for x in jax.tree.leaves(bundle.params))
+    n_train = sum(x.size for x in jax.tree.leaves(trainable_lib.trainable_part(bundle.params, mask)))
+    logging.getLogger("jaxdpo").info("config.model.trainable=%r: %d of %d parameters train (%d frozen)", spec,
+                                     n_train, n_all, n_all - n_train)
+  return mask

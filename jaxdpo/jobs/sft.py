@@ -58,10 +58,11 @@ def run(config, workdir: str) -> dict:
   common.check_vocab(tok, bundle.config, config.data.tokenizer)
   scfg = sft_step.SFTStepConfig(**common.compute_settings(config, bundle.family))
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
-  state = train.init_state(bundle, tx, mesh)
+  mask = model_setup.trainable_mask(config.model, bundle)
+  state = train.init_state(bundle, tx, mesh, mask)
   step_fn = update.make_train_step(sft_step.objective(bundle.graphdef, scfg), tx, mesh,
                                    jax.tree.map(lambda x: x.sharding, state), None, schedule, grad_accum=scfg.grad_accum,
-                                   debug_nonfinite_step=config.train.debug_nonfinite_step)
+                                   debug_nonfinite_step=config.train.debug_nonfinite_step, trainable_mask=mask)
   pad_id = tokenize.pad_token_id(tok)
   collate = lambda b: pipeline.collate_seqs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision)
   # As in the DPO job: every host walks the same global order and collates only its own rows,

@@ -34,6 +34,8 @@ class Family:
     row_positions: (model config, input_ids [T], segment_ids [T], image grids) -> positions of a
       text row with images, for families whose positions depend on the images (M-RoPE); None
       when positions stay 1D.
+    vision_params: top-level parameter subtrees of the vision side (tower and projector), which
+      `config.model.trainable="language"` freezes; empty for text-only families.
   """
 
   name: str
@@ -48,6 +50,7 @@ class Family:
   model_inputs: Callable[[dict, int], dict] = batching.text_inputs
   vision_adapter: str | None = None
   row_positions: Callable[..., Any] | None = None
+  vision_params: tuple[str, ...] = ()
 
   def build(self, cfg, rngs, param_dtype, attention_impl=None):
     """Constructs the family's module (call under `nnx.eval_shape` for an abstract one)."""

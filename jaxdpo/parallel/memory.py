@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxdpo.models import trainable as trainable_lib
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.errors import MemoryPlanError  # noqa: F401  (raised here; kept importable from here)
 
@@ -40,7 +41,7 @@ class MemoryPlan:
     params: the policy's parameters.
     opt_state: optimizer state (AdamW: mu and nu, each the size of the parameters, plus counters).
     reference: the frozen reference copy (0 for `dpo.reference=cached` or reference-free).
-    gradients: one parameter-sized gradient tree (eval_shape source; inside `activations` once
+    gradients: one gradient tree over the trainable parameters (eval_shape source; inside `activations` once
       compiled, where XLA counts it among the temporaries).
     activations: estimated saved activations (eval_shape), or the compiled program's temporaries
       and non-donated outputs.
@@ -159,6 +160,8 @@ class DPORun:
     tx: the optax transformation (its state is sized from shapes).
     reference_model: whether a frozen reference copy sits in memory.
     batch_size, grad_accum, seq_len, logprob_chunk: the step's shapes.
+    trainable: parameter path -> trainable? (`jaxdpo.models.trainable.predicate`), or None when
+      every parameter trains. Gradients and optimizer state are sized over the trainable ones.
   """
 
   family: Any
@@ -172,6 +175,7 @@ class DPORun:
   grad_accum: int
   seq_len: int
   logprob_chunk: int
+  trainable: Any = None
 
 
 @functools.lru_cache(maxsize=4)
@@ -190,8 +194,11 @@ def plan_dpo(run: DPORun, mesh, rules=shd.DEFAULT_RULES) -> MemoryPlan:
   abstract = _abstract_params(run.family.name, run.model_cfg, run.param_dtype)
   p_sh = shd.param_shardings(abstract, rules, mesh)
   params = with_shardings(nnx.to_pure_dict(abstract), p_sh)
-  abstract_opt = jax.eval_shape(run.tx.init, params)
-  opt = with_shardings(abstract_opt, opt_state_shardings(abstract_opt, params, p_sh, mesh))
+  mask = trainable_lib.mask_of(params, run.trainable)
+  trained = trainable_lib.trainable_part(params, mask)
+  abstract_opt = jax.eval_shape(run.tx.init, trained)
+  opt = with_shardings(abstract_opt, opt_state_shardings(abstract_opt, trained,
+                                                         trainable_lib.trainable_part(p_sh, mask), mesh))
   param_bytes = per_device_bytes(params)
   has_ref_model = run.reference_model
   data_ways = shd.batch_divisor(mesh, rules)
@@ -202,7 +209,8 @@ def plan_dpo(run: DPORun, mesh, rules=shd.DEFAULT_RULES) -> MemoryPlan:
                               logprob_chunk=run.logprob_chunk, xla_attention=run.attention_impl == "xla")
   batch_bytes = 4 * 4 * 2 * seq * max(1, run.batch_size // data_ways)  # 4 int32 [B, 2, T] arrays
   return MemoryPlan(params=param_bytes, opt_state=per_device_bytes(opt),
-                    reference=param_bytes if has_ref_model else 0, gradients=param_bytes, activations=acts,
+                    reference=param_bytes if has_ref_model else 0, gradients=per_device_bytes(trained),
+                    activations=acts,
                     batch=batch_bytes, source="eval_shape", num_devices=mesh.size, fsdp=mesh.shape["fsdp"])
 
 

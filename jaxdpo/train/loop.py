@@ -253,10 +253,15 @@ def _straggler_check(durations: list[float], seconds: float, step: int, factor: 
   durations.append(seconds)
 
 
-def init_state(bundle, tx, mesh) -> dict:
-  """The train state {"step", "params", "opt_state"} for a freshly set-up model."""
+def init_state(bundle, tx, mesh, trainable_mask=None) -> dict:
+  """The train state {"step", "params", "opt_state"} for a freshly set-up model.
+
+  With `trainable_mask` (see `jaxdpo.models.trainable`), the optimizer state covers the
+  trainable params only.
+  """
+  from jaxdpo.models import trainable as trainable_lib
   return {"step": scalar_state(0, mesh), "params": bundle.params,
-          "opt_state": init_opt_state(tx, bundle.params, mesh)}
+          "opt_state": init_opt_state(tx, trainable_lib.trainable_part(bundle.params, trainable_mask), mesh)}
 
 
 def export_final_model(workdir: str, config, bundle, params) -> str:

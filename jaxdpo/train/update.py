@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxdpo.models import trainable as trainable_lib
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.train import accumulate as accumulate_lib
 
@@ -28,31 +29,36 @@ def batch_shardings(mesh):
 
 
 def make_update_step(grad_fn: Callable, tx: optax.GradientTransformation, mesh, state_shardings, ref_shardings,
-                     schedule: Callable | None = None, *, debug_nonfinite_step: int = -1):
+                     schedule: Callable | None = None, *, debug_nonfinite_step: int = -1, trainable_mask=None):
   """Returns jitted `step(state, ref, batch) -> (state, metrics)` with the state donated.
 
   Args:
-    grad_fn: (params, ref, batch) -> (metrics dict, grads), traced inside the jit.
+    grad_fn: (trainable params, frozen params or None, ref, batch) -> (metrics dict, grads of the
+      trainable params), traced inside the jit.
     tx: the optax transformation.
     mesh: the device mesh.
     state_shardings: shardings of {"step", "params", "opt_state"}.
     ref_shardings: shardings of the reference params (or None).
     schedule: learning-rate schedule, logged as `lr`.
     debug_nonfinite_step: tests only: the loss and gradients of this step (1-based) are made NaN.
+    trainable_mask: bool tree like the params (`jaxdpo.models.trainable.mask_of`), or None to
+      train everything. The optimizer state covers the trainable part only; frozen params
+      pass through the step unchanged.
 
   A step whose loss or gradient norm is not finite leaves params and optimizer state as they
   were (its `nonfinite` metric is 1): a NaN never reaches the state, so it can never be
   checkpointed. The loop then stops or skips (`train.on_nonfinite`).
   """
   def step(state, ref, batch):
-    metrics, grads = grad_fn(state["params"], ref, batch)
+    trainable, frozen = trainable_lib.split(state["params"], trainable_mask)
+    metrics, grads = grad_fn(trainable, frozen, ref, batch)
     if debug_nonfinite_step > 0:
       poison = jnp.where(state["step"] + 1 == debug_nonfinite_step, jnp.nan, 1.0).astype(jnp.float32)
       metrics["loss"] = metrics["loss"] * poison
       grads = jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+    params = trainable_lib.merge(optax.apply_updates(trainable, updates), frozen)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
@@ -90,16 +96,27 @@ def accumulated(objective: Callable, params, ref, batch: dict, grad_accum: int, 
 
 
 def make_train_step(objective: Callable, tx: optax.GradientTransformation, mesh, state_shardings, ref_shardings,
-                    schedule: Callable | None = None, *, grad_accum: int = 1, debug_nonfinite_step: int = -1):
+                    schedule: Callable | None = None, *, grad_accum: int = 1, debug_nonfinite_step: int = -1,
+                    trainable_mask=None):
   """Jitted `step(state, ref, batch) -> (state, metrics)` for `objective`; `state` is donated.
 
-  `state` is {"step": int32 [], "params": pure dict, "opt_state": optax state}.
+  `state` is {"step": int32 [], "params": pure dict, "opt_state": optax state of the trainable
+  params}. With `trainable_mask`, the objective is differentiated with respect to the trainable
+  params only: the frozen ones enter as constants (`stop_gradient`), so no gradient is computed
+  for them.
   """
-  def grad_fn(params, ref, batch):
-    return accumulated(objective, params, ref, batch, grad_accum, with_grad=True)
+  def grad_fn(trainable, frozen, ref, batch):
+    obj = objective
+    if frozen is not None:
+      frozen = jax.lax.stop_gradient(frozen)
+
+      def obj(ref, batch):
+        terms, finish = objective(ref, batch)
+        return (lambda t, mb: terms(trainable_lib.merge(t, frozen), mb)), finish
+    return accumulated(obj, trainable, ref, batch, grad_accum, with_grad=True)
 
   return make_update_step(grad_fn, tx, mesh, state_shardings, ref_shardings, schedule,
-                          debug_nonfinite_step=debug_nonfinite_step)
+                          debug_nonfinite_step=debug_nonfinite_step, trainable_mask=trainable_mask)
 
 
 def make_eval_step(objective: Callable, mesh, param_shardings, ref_shardings, *, grad_accum: int = 1):

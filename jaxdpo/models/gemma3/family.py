@@ -13,7 +13,8 @@ GEMMA3 = registry.register(registry.Family(
     name="gemma3", hf_architectures=("Gemma3ForConditionalGeneration",), module_cls=Gemma3VLM,
     config_cls=gemma3_config.Gemma3Config, config_from_hf=gemma3_convert.config_from_hf,
     rules=gemma3_convert.rules, normalize_key=gemma3_convert.normalize_key, presets=gemma3_config.PRESETS,
-    model_inputs=gemma3_batching.model_inputs, vision_adapter="jaxdpo.data.vision.gemma:Gemma3Adapter"))
+    model_inputs=gemma3_batching.model_inputs, vision_adapter="jaxdpo.data.vision.gemma:Gemma3Adapter",
+    vision_params=("vision_tower", "multi_modal_projector")))
 
 GEMMA3_TEXT = registry.register(registry.Family(
     name="gemma3_text", hf_architectures=("Gemma3ForCausalLM",), module_cls=Gemma3TextModel,

@@ -20,4 +20,5 @@ QWEN2_5_VL = registry.register(registry.Family(
     config_cls=qwen_config.Qwen2_5_VLConfig, config_from_hf=qwen_convert.vl_config_from_hf,
     rules=qwen_convert.vl_rules, normalize_key=qwen_convert.vl_normalize_key, presets=qwen_config.VL_PRESETS,
     denormalize_key=qwen_convert.vl_denormalize_key, model_inputs=qwen_batching.model_inputs,
-    vision_adapter="jaxdpo.data.vision.qwen:QwenVLAdapter", row_positions=qwen_batching.row_positions))
+    vision_adapter="jaxdpo.data.vision.qwen:QwenVLAdapter", row_positions=qwen_batching.row_positions,
+    vision_params=("visual",)))  # the patch merger (projector) lives inside `visual`
