@@ -29,33 +29,49 @@ class Record:
   fields: dict[str, Any]
 
 
-def _scan_jsonl(path: str) -> list[int]:
+def _scan_jsonl(path: str, skips=None) -> tuple[list[int], list[dict] | None]:
   """Checks every line is a JSON object; returns the line numbers of the records.
 
   `datasets`' JSON reader reports malformed input without a line number, so this cheap pass
-  runs first and names the line.
+  runs first and names the line. With `skips` (a `skipping.SkipLog` that skips), bad lines are
+  recorded there instead, and the good rows are returned as parsed here (datasets' reader
+  would stop at the bad lines); otherwise the rows are None.
   """
-  lines = []
+  lines, rows, bad = [], [], 0
   with open(path, encoding="utf-8") as f:
     for n, line in enumerate(f, start=1):
       if not line.strip():
         continue
       try:
         obj = json.loads(line)
+        if not isinstance(obj, dict):
+          raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
       except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(obj, dict):
-        raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
+        err = DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})")
+        if skips is None:
+          raise err from None
+        skips.add(f"{path}:{n}", err)
+        bad += 1
+        continue
+      except DataError as e:
+        if skips is None:
+          raise
+        skips.add(f"{path}:{n}", e)
+        bad += 1
+        continue
       lines.append(n)
-  return lines
+      rows.append(obj)
+  return lines, (rows if bad else None)
 
 
-def load_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
+def load_rows(source: str, split: str = "train", skips=None) -> list[tuple[str, dict]]:
   """Loads raw rows with `datasets`; returns (location, row) pairs.
 
   Args:
     source: a local .jsonl/.json/.parquet file, or a hub dataset name ("org/name").
     split: the split to read from a hub dataset.
+    skips: a `jaxdpo.data.skipping.SkipLog` that skips: malformed JSONL lines are recorded
+      there instead of stopping the load.
   """
   import datasets  # heavy import, only when loading
 
@@ -63,9 +79,12 @@ def load_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
   if os.path.isfile(source):
     ext = os.path.splitext(source)[1].lower()
     if ext in (".jsonl", ".json"):
-      line_numbers = _scan_jsonl(source) if ext == ".jsonl" else None
+      line_numbers, parsed = _scan_jsonl(source, skips if skips is not None and skips.enabled else None) \
+          if ext == ".jsonl" else (None, None)
       if line_numbers == []:
         raise DataError(f"{source}: no records")
+      if parsed is not None:  # some lines were skipped: datasets' reader would stop at them
+        return [(f"{source}:{n}", row) for n, row in zip(line_numbers, parsed)]
       ds = datasets.load_dataset("json", data_files=source, split="train")
     elif ext == ".parquet":
       ds = datasets.load_dataset("parquet", data_files=source, split="train")
@@ -147,9 +166,12 @@ def _check_images(row: dict, where: str):
     raise DataError(f"{where}: field 'images' must be a list of image paths")
 
 
-def load_preferences(source: str, split: str = "train") -> list[Record]:
-  """Loads and validates a preference dataset."""
-  return [validate_preference(w, r) for w, r in load_rows(source, split)]
+def load_preferences(source: str, split: str = "train", skips=None) -> list[Record]:
+  """Loads and validates a preference dataset (bad rows recorded in `skips` when it skips)."""
+  if skips is None or not skips.enabled:
+    return [validate_preference(w, r) for w, r in load_rows(source, split)]
+  out = [skips.attempt(w, lambda w=w, r=r: validate_preference(w, r)) for w, r in load_rows(source, split, skips)]
+  return [r for r in out if r is not None]
 
 
 def resolve_image_paths(record: Record, paths: Sequence[str], base_dir: str) -> list[str]:

@@ -43,6 +43,9 @@ def base() -> ml_collections.ConfigDict:
   c.data.prompts = ""               # eval / mine input: {"prompt", "reference"?, "images"?} records
   c.data.degeneration_eval = ""     # dpo/sft: prompts whose degeneration rate is logged every
                                     # train.degeneration_eval_every steps as eval/degeneration_rate
+  c.data.skip_bad_records = False   # bad records (validation, tokenization, images) are skipped and listed in
+                                    # DIR/skipped.jsonl instead of stopping the job
+  c.data.max_skip_share = 0.01      # with skip_bad_records: stop when more than this share of a file is bad
   c.data.max_images = 0             # vision models: image slots per record (pair); 0 = the most any record has
   c.data.max_patches = 0            # Qwen2.5-VL: vision patches per record (pair); 0 = the most any record needs
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import jax
 import numpy as np
@@ -18,7 +19,7 @@ from jaxdpo.train import optim
 from jaxdpo.train import loop as train
 from jaxdpo.train import update
 from jaxdpo.parallel import sharding as shd
-from jaxdpo.data import pipeline, records, tokenize
+from jaxdpo.data import pipeline, records, skipping, tokenize
 from jaxdpo.data.vision import adapters as multimodal
 from jaxdpo.objectives import dpo_losses as losses
 from jaxdpo.objectives import dpo_step as step_lib
@@ -52,20 +53,40 @@ def memory_run(config) -> memory.DPORun:
                        trainable=trainable_lib.predicate(config.model.trainable, family))
 
 
-def tokenize_preferences(source: str, tok, config, *, desc: str, vision=None) -> list[tokenize.TokenizedPair]:
+def tokenize_preferences(source: str, tok, config, *, desc: str, vision=None,
+                         skips: skipping.SkipLog | None = None) -> list[tokenize.TokenizedPair]:
   """Loads, validates and tokenizes every record up front: bad input stops the job before training.
 
   `vision`: the family's `multimodal.VisionAdapter`, which opens and measures each pair's images.
+  `skips`: with `data.skip_bad_records`, bad records are recorded there and left out instead.
   """
-  recs = records.load_preferences(source, config.data.split)
+  skips = skips or skipping.SkipLog()
+  recs = records.load_preferences(source, config.data.split, skips)
   dcfg = config.data
   base_dir = multimodal.base_dir_of(source)
   out = []
   for r in tqdm(recs, desc=f"tokenize {desc}", disable=not config.train.progress or jax.process_index() != 0):
-    out.append(tokenize.tokenize_preference(tok, r, max_length=dcfg.max_length, truncation=dcfg.truncation,
-                                            max_prompt_length=dcfg.max_prompt_length or None,
-                                            use_chat_template=dcfg.use_chat_template,
-                                            images=multimodal.record_images(vision, r, base_dir)))
+    pair = skips.attempt(r.where, lambda r=r: tokenize.tokenize_preference(
+        tok, r, max_length=dcfg.max_length, truncation=dcfg.truncation,
+        max_prompt_length=dcfg.max_prompt_length or None, use_chat_template=dcfg.use_chat_template,
+        images=multimodal.record_images(vision, r, base_dir)))
+    if pair is not None:
+      out.append(pair)
+  return out
+
+
+def tokenize_checked(source: str, tok, config, workdir: str, skips: skipping.SkipLog, *, desc: str, vision=None):
+  """`tokenize_preferences`, then the skip list written and its share checked (`data.max_skip_share`)."""
+  start = len(skips.entries)
+  out = tokenize_preferences(source, tok, config, desc=desc, vision=vision, skips=skips)
+  if skips.enabled:
+    listed = os.path.join(os.path.abspath(workdir), skipping.FILE_NAME)
+    if jax.process_index() == 0:
+      skipping.write(skips, workdir)
+    bad = len(skips.entries) - start
+    if bad:
+      log.warning("%s: skipped %d bad record(s) (data.skip_bad_records), listed in %s", source, bad, listed)
+    skipping.check_share(skips, source, len(out) + bad, config.data.max_skip_share, listed, start)
   return out
 
 
@@ -96,9 +117,10 @@ def run(config, workdir: str) -> dict:
     raise ConfigError(f"config.dpo.reference={config.dpo.reference!r}; expected 'model' or 'cached'")
   tok = tokenize.load_tokenizer(config.data.tokenizer)
   vision = common.vision_adapter(config, tok)
-  train_examples = tokenize_preferences(config.data.train, tok, config, desc="train", vision=vision)
+  skips = skipping.SkipLog(enabled=config.data.skip_bad_records)
+  train_examples = tokenize_checked(config.data.train, tok, config, workdir, skips, desc="train", vision=vision)
   validate.check_dataset_size(len(train_examples), config.train.batch_size, config.data.train, "pairs")
-  eval_examples = (tokenize_preferences(config.data.eval, tok, config, desc="eval", vision=vision)
+  eval_examples = (tokenize_checked(config.data.eval, tok, config, workdir, skips, desc="eval", vision=vision)
                    if config.data.eval else [])
   degen_vision = vision
   if vision is not None:  # one static image budget for train and eval batches (one compile each)
@@ -150,5 +172,6 @@ def run(config, workdir: str) -> dict:
     eval_fn = common.held_out_eval_fn(config, eval_step, eval_examples, collate, mesh, rows, ref_params)
 
   spec = train.LoopSpec(step_fn=step_fn, state=state, ref=ref_params, iterator=iterator, eval_fn=eval_fn, desc="dpo",
-                        degeneration_fn=common.degeneration_eval_fn(config, tok, bundle, degen_vision))
+                        degeneration_fn=common.degeneration_eval_fn(config, tok, bundle, degen_vision),
+                        constants={"data/skipped_records": float(len(skips.entries))} if skips.enabled else {})
   return common.train_and_finish(config, workdir, mesh, spec, bundle)

@@ -33,6 +33,9 @@ def write(config, workdir: str, outcome: dict, last: dict, model_dir: str | None
       "config": os.path.join(workdir, "config.json"),
       "export_command": None,
   }
+  if "data/skipped_records" in last:  # data.skip_bad_records
+    summary["skipped_records"] = {"count": int(last["data/skipped_records"]),
+                                  "list": os.path.join(workdir, "skipped.jsonl")}
   # jax-to-hf needs the source HF config; a model initialised from a preset has none yet (a known gap).
   if model_dir and os.path.exists(os.path.join(model_dir, "hf_config.json")):
     summary["export_command"] = (f"python -m jaxdpo.convert jax-to-hf --ckpt {shlex.quote(model_dir)} "
@@ -64,6 +67,9 @@ def render(summary: dict) -> str:
   else:
     lines.append(f"  checkpoint {summary['checkpoint']}  (re-run the same command to continue)")
   lines.append(f"  metrics  {summary['metrics']}")
+  if "skipped_records" in summary:
+    skipped = summary["skipped_records"]
+    lines.append(f"  skipped  {skipped['count']} bad record(s), listed in {skipped['list']}")
   if summary["export_command"]:
     lines.append(f"  export   {summary['export_command']}")
   elif summary["model"]:

@@ -39,6 +39,8 @@ class LoopSpec:
   degeneration_fn: Callable | None = None  # (params) -> {"eval/degeneration_rate", ...}, every
                                            # train.degeneration_eval_every steps
   desc: str = "train"
+  constants: dict = dataclasses.field(default_factory=dict)  # added to every logged metrics row (e.g. the
+                                                             # number of skipped bad records)
   outcome: dict = dataclasses.field(default_factory=dict)  # set by run_loop: step, reason, checkpoint
 
 
@@ -215,6 +217,7 @@ def _run_steps(config, mesh, spec: LoopSpec, run: _Progress, checkpointer, write
     if want_log or want_eval or want_degen:
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
       last["nonfinite_skipped"] = float(run.skipped)
+      last.update(spec.constants)
       if want_eval:
         last.update(spec.eval_fn(run.state["params"]))
       if want_degen:
