@@ -1,27 +1,43 @@
-"""Tiny vision-language jobs (sft | eval | mine | dpo) on image records, for tests and smoke runs.
+"""Tiny vision-language jobs (sft | eval | mine | dpo) on the shipped page images, for smoke runs.
 
-  python -m jaxdpo.main --config configs/tiny_vl.py:sft --workdir /tmp/vl-sft \
-      --config.model.checkpoint=CKPT --config.data.tokenizer=CKPT/tokenizer \
-      --config.data.train=records.jsonl
-  then eval / mine (data.prompts) and dpo (data.train = mine's DIR/pairs.jsonl), each taking the
-  previous training job's DIR/model as model.checkpoint and DIR/model/tokenizer as data.tokenizer.
+Each job runs as written, from any directory, with no download: a random `demo_vl` Qwen2.5-VL,
+the demo tokenizer + image processor and 16 rendered pages in `jaxdpo/assets/tiny_vl/`
+(scripts/make_tiny_vl_assets.py). The chain hands each job the previous one's outputs:
 
-CKPT is a converted Qwen2.5-VL or Gemma 3 checkpoint whose tokenizer dir holds the image
-processor's preprocessor_config.json (tests build tiny ones).
+  python -m jaxdpo.main --config configs/tiny_vl.py:sft --workdir /tmp/vl/sft
+  M="--config.model.checkpoint=/tmp/vl/sft/model --config.data.tokenizer=/tmp/vl/sft/model/tokenizer"
+  python -m jaxdpo.main --config configs/tiny_vl.py:eval --workdir /tmp/vl/eval $M   # generations.jsonl
+  python -m jaxdpo.main --config configs/tiny_vl.py:mine --workdir /tmp/vl/mine $M   # pairs.jsonl
+  python -m jaxdpo.main --config configs/tiny_vl.py:dpo --workdir /tmp/vl/dpo $M \
+      --config.data.train=/tmp/vl/mine/pairs.jsonl
+
+Without $M, eval / mine / dpo start from the random preset; dpo's default data.train is the
+shipped pairs.jsonl (chosen = the transcription, rejected = a loop). For your own model pass a
+converted Qwen2.5-VL or Gemma 3 checkpoint as model.checkpoint, its tokenizer dir (holding the
+image processor's preprocessor_config.json) as data.tokenizer, and your records.
 """
 
+from jaxdpo import assets
 from jaxdpo.jobs import defaults as config_defaults
+from jaxdpo.errors import ConfigError
 
 JOBS = ("sft", "eval", "mine", "dpo")
+DATA = {"sft": ("train", "sft.jsonl"), "eval": ("prompts", "heldout.jsonl"), "mine": ("prompts", "mine.jsonl"),
+        "dpo": ("train", "pairs.jsonl")}
 
 
 def get_config(arg=None):
   job = arg or "dpo"
   if job not in JOBS:
-    raise ValueError(f"configs/tiny_vl.py:{job}: expected one of {JOBS}")
+    raise ConfigError(f"configs/tiny_vl.py:{job}: expected one of {JOBS}")
   c = config_defaults.base()
   c.job = job
+  c.model.family = "qwen2_5_vl"
+  c.model.preset = "demo_vl"  # 64 ids and 8-px merged vision tokens: the shipped tokenizer's and pages'
+  c.data.tokenizer = assets.path("tiny_vl/tokenizer")
   c.data.train = ""
+  key, name = DATA[job]
+  c.data[key] = assets.path(f"tiny_vl/{name}")  # image paths inside resolve next to the records file
   c.data.max_length = 64
   c.generate.max_new_tokens = 12
   c.generate.max_prompt_length = 48
