@@ -95,10 +95,50 @@ def load_rows(source: str, split: str = "train", skips=None) -> list[tuple[str, 
     where = [f"{source}:{n}" for n in line_numbers] if line_numbers else [f"{source}:row {i}" for i in
                                                                           range(len(rows))]
     return list(zip(where, rows))
+  if os.path.isdir(source):
+    return _load_saved(source, split)
   if os.path.exists(source) or source.startswith((".", "/")) or source.count("/") != 1:
     raise DataError(f"{source}: no such data file (and not a hub dataset name like 'org/name')")
   ds = datasets.load_dataset(source, split=split)  # real hub loading; tests use local files only
   return [(f"{source}[{split}]:row {i}", row) for i, row in enumerate(ds)]
+
+
+def _load_saved(source: str, split: str) -> list[tuple[str, dict]]:
+  """Rows of a directory written by `datasets`' `save_to_disk` (a Dataset, or a DatasetDict's `split`).
+
+  `Image` columns are read undecoded ({"bytes", "path"}), so a large dataset stays compressed
+  in memory; each image is decoded when its batch is built.
+  """
+  import datasets
+  try:
+    ds = datasets.load_from_disk(source)
+  except FileNotFoundError as e:
+    raise DataError(f"{source}: a directory, but not one written by datasets' save_to_disk ({e})") from None
+  if isinstance(ds, datasets.DatasetDict):
+    if split not in ds:
+      raise DataError(f"{source}: no split {split!r} (config.data.split); splits: {sorted(ds)}")
+    ds = ds[split]
+  ds = ds.cast(_undecoded(ds.features))
+  return [(f"{source}:row {i}", row) for i, row in enumerate(ds)]
+
+
+def _undecoded(features):
+  """`features` with every `datasets.Image` set to decode=False (nested lists included)."""
+  import datasets
+
+  def fix(f):
+    if isinstance(f, datasets.Image):
+      return datasets.Image(decode=False)
+    if isinstance(f, dict):
+      return {k: fix(v) for k, v in f.items()}
+    if isinstance(f, list):
+      return [fix(v) for v in f]
+    for cls in ("Sequence", "List", "LargeList"):
+      kind = getattr(datasets, cls, None)
+      if kind is not None and isinstance(f, kind):
+        return dataclasses.replace(f, feature=fix(f.feature))
+    return f
+  return datasets.Features({k: fix(v) for k, v in features.items()})
 
 
 def _check_text_or_messages(value, where: str, field: str, *, completion: bool):
@@ -158,12 +198,60 @@ def validate_completion(where: str, row: dict, *, completion_field: str = "compl
   return Record(where, {k: row[k] for k in keep if k in row and row[k] is not None})
 
 
+@dataclasses.dataclass(frozen=True)
+class InlineImage:
+  """An image stored in the record itself (encoded bytes: PNG, JPEG, ...), named for errors."""
+
+  image_bytes: bytes
+  name: str
+
+
+def _image_entry(value, where: str, i: int):
+  """One `images` entry -> a path (str) or an `InlineImage`.
+
+  Accepted: a path; `{"bytes": ..., "path": ...}` as `datasets.Image` stores it (bytes, or base64
+  text in JSON; a path alone when the bytes are absent); a PIL image (a decoded `Image` column).
+  """
+  name = f"{where}: images[{i}]"
+  if isinstance(value, str):
+    return value
+  if isinstance(value, dict):
+    data, path = value.get("bytes"), value.get("path")
+    if data is None:
+      if isinstance(path, str) and path:
+        return path
+      raise DataError(f"{name}: an image entry needs 'bytes' or 'path'")
+    if isinstance(data, str):
+      import base64
+      import binascii
+      try:
+        data = base64.b64decode(data, validate=True)
+      except binascii.Error as e:
+        raise DataError(f"{name}: 'bytes' is text but not base64 ({e})") from None
+    if not isinstance(data, (bytes, bytearray)):
+      raise DataError(f"{name}: 'bytes' must be bytes or base64 text, got {type(data).__name__}")
+    return InlineImage(bytes(data), f"{name}" + (f" ({path})" if path else ""))
+  try:
+    from PIL import Image
+  except ImportError:  # pragma: no cover  (PIL comes with the vision extras)
+    Image = None
+  if Image is not None and isinstance(value, Image.Image):
+    import io
+    buf = io.BytesIO()
+    value.save(buf, format=value.format or "PNG")
+    return InlineImage(buf.getvalue(), name)
+  raise DataError(f"{name}: expected an image path, a {{'bytes', 'path'}} entry or an image, got "
+                  f"{type(value).__name__}")
+
+
 def _check_images(row: dict, where: str):
+  """Validates `row["images"]` and normalises it to paths and `InlineImage`s (in place)."""
   images = row.get("images")
   if images is None:
     return
-  if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-    raise DataError(f"{where}: field 'images' must be a list of image paths")
+  if not isinstance(images, list):
+    raise DataError(f"{where}: field 'images' must be a list of image paths or image entries")
+  row["images"] = [_image_entry(v, where, i) for i, v in enumerate(images)]
 
 
 def load_preferences(source: str, split: str = "train", skips=None) -> list[Record]:
@@ -174,10 +262,16 @@ def load_preferences(source: str, split: str = "train", skips=None) -> list[Reco
   return [r for r in out if r is not None]
 
 
-def resolve_image_paths(record: Record, paths: Sequence[str], base_dir: str) -> list[str]:
-  """Image paths relative to the data file's directory; missing files name the record."""
+def resolve_image_paths(record: Record, paths: Sequence, base_dir: str) -> list:
+  """Image paths relative to the data file's directory; missing files name the record.
+
+  `InlineImage`s pass through unchanged.
+  """
   out = []
   for p in paths:
+    if isinstance(p, InlineImage):
+      out.append(p)
+      continue
     full = p if os.path.isabs(p) else os.path.join(base_dir, p)
     if not os.path.exists(full):
       raise DataError(f"{record.where}: field 'images': file not found: {full}")

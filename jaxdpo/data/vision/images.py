@@ -18,6 +18,14 @@ def load_image(image, name: str | None = None) -> tuple[Image.Image, str]:
   """Opens a path (or passes a PIL image through); returns (RGB-convertible image, its name)."""
   if isinstance(image, Image.Image):
     return image, name or getattr(image, "filename", "") or "<PIL image>"
+  if hasattr(image, "image_bytes"):  # `records.InlineImage`: bytes stored in the record
+    import io
+    try:
+      with Image.open(io.BytesIO(image.image_bytes)) as im:
+        im.load()
+        return im.copy(), image.name
+    except Exception as e:  # noqa: BLE001  (PIL raises several types for undecodable bytes)
+      raise ImageError(f"{image.name}: cannot decode image bytes ({type(e).__name__}: {e})") from e
   path = os.fspath(image)
   try:
     with Image.open(path) as im:
