@@ -1,6 +1,6 @@
 """Images as users store them (issue 12, acceptance 6): a `datasets.Dataset` with an `Image`
 column, saved with `save_to_disk`, trains through `python -m jaxdpo.main` (data.train = the
-directory); image bytes in JSONL (base64) and Parquet load as the same images as their paths."""
+directory), here with `model.trainable=language`; image bytes in JSONL (base64) and Parquet load as the same images as their paths."""
 
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ def _rows(tmp_path):
   for r in rows:
     r["images"] = [os.path.join(tmp_path, "data", p) for p in r["images"]]
   return rows
+
+
+def jax_flat(state):
+  import jax
+  from flax import nnx
+  return jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
 
 
 def _pixels(image):
@@ -61,12 +67,21 @@ def test_a_saved_image_dataset_trains_through_main(tmp_path):
          "--workdir", str(workdir), "--config.train.progress=False", "--config.mesh.data=1",
          f"--config.model.checkpoint={ck}", f"--config.data.tokenizer={ck}/tokenizer",
          f"--config.data.train={saved}", "--config.data.eval=", "--config.data.degeneration_eval=",
-         "--config.train.num_steps=2", "--config.train.batch_size=2", "--config.train.log_every=1"]
+         "--config.train.num_steps=2", "--config.train.batch_size=2", "--config.train.log_every=1",
+         "--config.model.trainable=language", "--config.optim.lr=1e-2", "--config.optim.warmup_steps=0"]
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-4000:]
   with open(workdir / "metrics.jsonl") as f:
     metrics = [json.loads(line) for line in f]
   assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
+  # Through the job, model.trainable=language (acceptance 1): the exported model's vision tower and
+  # projector are bit-identical to the checkpoint it started from; the language model moved.
+  from jaxdpo.models import io, trainable
+  before, after = ({trainable.path_str(p): np.asarray(x) for p, x in
+                    jax_flat(io.load_model(d)[3])} for d in (ck, str(workdir / "model")))
+  vision = [k for k in before if k.startswith("visual/")]
+  assert vision and all(np.array_equal(before[k], after[k]) for k in vision)
+  assert any(not np.array_equal(before[k], after[k]) for k in before if k.startswith("language_model/"))
 
 
 def test_image_bytes_in_jsonl_and_parquet(tmp_path):
