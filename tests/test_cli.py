@@ -70,10 +70,10 @@ def test_shipped_config_runs_from_another_directory(tmp_path):
   summary = json.loads((work / "summary.json").read_text())
   assert summary["steps"] == 2 and summary["stopped"] == "finished" and summary["model"] == str(work / "model")
   assert summary["final"]["loss"] == rows[-1]["loss"] and summary["eval"]["eval/loss"] == rows[-1]["eval/loss"]
-  # A preset-initialised model has no HF config to export with yet: said, not a failing command.
-  assert summary["export_command"] is None
+  # A preset-initialised model carries a derived HF config, so the summary gives the export command.
+  assert summary["export_command"].startswith(f"python -m jaxdpo.convert jax-to-hf --ckpt {work / 'model'}")
   assert out.stdout.splitlines()[0] == "dpo finished at step 2/2"
-  assert "  export   not available: the model was initialised from a preset" in out.stdout
+  assert "  export   python -m jaxdpo.convert jax-to-hf" in out.stdout
   assert "  held-out loss" in out.stdout
   assert out.stderr.count("memory plan per device") == 1  # the plan table once
   assert f"finished at step 2: checkpoint saved to {work / 'checkpoints' / '2'}" in out.stderr

@@ -12,6 +12,8 @@ Outputs: `pairs.jsonl` (feed it to the dpo job as `data.train`), `samples.jsonl`
 with its verdict and `hit_limit`) and `mine_summary.json` (how many records yielded a pair, and
 why not; `max_pair_length`, the tokens the longest pair needs: the DPO stage's `data.max_length`
 must be at least that, or its pairs get truncated).
+With `mine.rejected = "degenerate"` (no fallback), 0 pairs is an error (exit 2) that says why; the
+fallback `"worst_cer"` must be chosen explicitly.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from jaxdpo.jobs import common, jsonio
 from jaxdpo.generation import sampling as sampling_run
 from jaxdpo.data import records, tokenize
 from jaxdpo.data.vision import adapters as multimodal
-from jaxdpo.errors import ConfigError
+from jaxdpo.errors import ConfigError, UserError
 
 CHOSEN = ("reference", "best_sample")
 REJECTED = ("degenerate", "worst_cer")
@@ -119,6 +121,16 @@ def run(config, workdir: str) -> dict:
   }
   if vocab_warning:
     summary["vocab_warning"] = vocab_warning
+  if not pairs and m.rejected == "degenerate":
+    # An empty pairs.jsonl would only fail later, in the DPO job; keep the samples for a look.
+    if jax.process_index() == 0:
+      jsonio.write_jsonl(os.path.join(workdir, "samples.jsonl"), rows)
+      jsonio.write_json(os.path.join(workdir, "mine_summary.json"), summary)
+    raise UserError(
+        f"mine: 0 pairs from {len(items)} records ({summary['degenerate_samples']} of {len(rows)} samples "
+        f"degenerate; records without a pair: {reasons}); nothing written to pairs.jsonl. "
+        f"Sample more (config.mine.num_samples, generate.max_new_tokens) or fall back to the worst sample "
+        f"by CER with --config.mine.rejected=worst_cer (samples: {os.path.join(workdir, 'samples.jsonl')})")
   if jax.process_index() == 0:
     jsonio.write_jsonl(os.path.join(workdir, "samples.jsonl"), rows)
     jsonio.write_jsonl(os.path.join(workdir, "pairs.jsonl"), pairs)

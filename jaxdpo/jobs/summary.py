@@ -36,7 +36,7 @@ def write(config, workdir: str, outcome: dict, last: dict, model_dir: str | None
   if "data/skipped_records" in last:  # data.skip_bad_records
     summary["skipped_records"] = {"count": int(last["data/skipped_records"]),
                                   "list": os.path.join(workdir, "skipped.jsonl")}
-  # jax-to-hf needs the source HF config; a model initialised from a preset has none yet (a known gap).
+  # jax-to-hf needs an HF config: the source's, or one derived from the preset (families with config_to_hf).
   if model_dir and os.path.exists(os.path.join(model_dir, "hf_config.json")):
     summary["export_command"] = (f"python -m jaxdpo.convert jax-to-hf --ckpt {shlex.quote(model_dir)} "
                                  f"--out {shlex.quote(os.path.join(workdir, 'hf'))}")
@@ -73,5 +73,5 @@ def render(summary: dict) -> str:
   if summary["export_command"]:
     lines.append(f"  export   {summary['export_command']}")
   elif summary["model"]:
-    lines.append("  export   not available: the model was initialised from a preset (no hf_config.json)")
+    lines.append("  export   not available: this family cannot derive an HF config from a preset (no hf_config.json)")
   return "\n".join(lines)

@@ -77,6 +77,31 @@ def _tuplify(v):
   return v
 
 
+def current_umask() -> int:
+  """The process umask (os.umask can only be read by setting it, so it is set straight back)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def apply_umask(top: str):
+  """Gives `top` and everything under it the modes a plain mkdir / open would have.
+
+  `tempfile.mkdtemp` makes 0700 directories, and some writers (safetensors) leave 0600 files;
+  on a shared cluster outputs must follow the user's umask (0755 / 0644 with umask 022).
+  """
+  mask = current_umask()
+  dir_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask
+  os.chmod(top, dir_mode)
+  for root, dirs, files in os.walk(top):
+    for name in dirs:
+      os.chmod(os.path.join(root, name), dir_mode)
+    for name in files:
+      path = os.path.join(root, name)
+      if not os.path.islink(path):
+        os.chmod(path, file_mode)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str, overwrite: bool = False):
   """Yields a temporary sibling directory that is renamed to `final` only on success."""
@@ -91,6 +116,7 @@ def atomic_dir(final: str, overwrite: bool = False):
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  apply_umask(tmp)
   if os.path.exists(final):
     shutil.rmtree(final)
   os.rename(tmp, final)
@@ -275,6 +301,7 @@ def export_model_dir(out_dir: str, family: registry.Family, cfg, params_pure: di
         json.dump(hf_config, f, indent=2)
     if tokenizer_dir:
       copy_tokenizer_files(tokenizer_dir, os.path.join(tmp, "tokenizer"))
+    apply_umask(tmp)
     if os.path.exists(out_dir):
       shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)

@@ -36,6 +36,9 @@ class Family:
       when positions stay 1D.
     vision_params: top-level parameter subtrees of the vision side (tower and projector), which
       `config.model.trainable="language"` freezes; empty for text-only families.
+    config_to_hf: config -> the HF config.json dict that transformers loads it from, written for
+      models initialised from a preset (which have no source config.json) so that they can be
+      exported; None where a family does not provide it yet.
   """
 
   name: str
@@ -51,6 +54,7 @@ class Family:
   vision_adapter: str | None = None
   row_positions: Callable[..., Any] | None = None
   vision_params: tuple[str, ...] = ()
+  config_to_hf: Callable[[Any], dict] | None = None
 
   def build(self, cfg, rngs, param_dtype, attention_impl=None):
     """Constructs the family's module (call under `nnx.eval_shape` for an abstract one)."""

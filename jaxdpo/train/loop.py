@@ -272,8 +272,12 @@ def export_final_model(workdir: str, config, bundle, params) -> str:
   `--config.model.checkpoint=workdir/model`."""
   from jaxdpo.models import io
   tok_dir = config.data.tokenizer
+  hf_config = io.source_hf_config(config.model.checkpoint)
+  if hf_config is None and bundle.family.config_to_hf is not None:
+    # A preset-initialised model: derive its config.json so that jax-to-hf can export it.
+    hf_config = bundle.family.config_to_hf(bundle.config)
   return io.export_model_dir(os.path.join(workdir, "model"), bundle.family, bundle.config, params,
-                             hf_config=io.source_hf_config(config.model.checkpoint), tokenizer_dir=tok_dir)
+                             hf_config=hf_config, tokenizer_dir=tok_dir)
 
 
 def scalar_state(step: int, mesh):

@@ -36,6 +36,33 @@ def _first(x):
   return x[0] if isinstance(x, list) else x
 
 
+def text_config_to_hf(cfg: Qwen2TextConfig) -> dict:
+  """The `Qwen2ForCausalLM` config.json of a decoder config (inverse of `text_config_from_hf`).
+
+  Used when a model was initialised from a preset and so carries no source config.json: its
+  export must still load with `from_pretrained`.
+  """
+  if cfg.mrope_section is not None:
+    raise ConversionError("a Qwen2 text config with mrope_section has no Qwen2ForCausalLM config.json "
+                          "(M-RoPE is a Qwen2.5-VL feature)")
+  hf = {
+      "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+      "intermediate_size": cfg.intermediate_size, "head_dim": cfg.head_size,
+      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_word_embeddings,
+      "hidden_act": cfg.hidden_act, "use_sliding_window": False, "attention_dropout": 0.0,
+      "dtype": "float32",
+  }
+  # None ids are left out: transformers reads an absent id as None too.
+  if cfg.eos_token_id is not None:
+    hf["eos_token_id"] = cfg.eos_token_id
+  if cfg.pad_token_id is not None:
+    hf["pad_token_id"] = cfg.pad_token_id
+  return hf
+
+
 def text_rules(cfg: Qwen2TextConfig, hf_prefix: str = "model.", jax_prefix: str = "") -> list[Rule]:
   """Rules for the decoder; `hf_prefix` is where the decoder lives in the canonical HF layout."""
   d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size

@@ -12,7 +12,8 @@ from jaxdpo.models.qwen2_5_vl.vl_model import Qwen2_5_VL
 QWEN2 = registry.register(registry.Family(
     name="qwen2", hf_architectures=("Qwen2ForCausalLM",), module_cls=Qwen2Decoder,
     config_cls=qwen_config.Qwen2TextConfig, config_from_hf=qwen_convert.text_config_from_hf,
-    rules=qwen_convert.text_rules, normalize_key=qwen_convert.qwen2_normalize_key, presets=qwen_config.PRESETS))
+    rules=qwen_convert.text_rules, normalize_key=qwen_convert.qwen2_normalize_key, presets=qwen_config.PRESETS,
+    config_to_hf=qwen_convert.text_config_to_hf))
 
 # Nanonets-OCR2-3B declares the same architecture. Written back in the hub layout (see convert).
 QWEN2_5_VL = registry.register(registry.Family(
