@@ -118,9 +118,12 @@ def _stage_eval(config, out, model_dir, data):
 
 
 def _stage_mine(config, out, sft_model, data):
-  summary = _run_job(mine_job.run, _sub_config(
-      config, "mine", **{"data.prompts": data["mine"], "mine.chosen": "reference", "mine.rejected": "degenerate",
-                         **_model(sft_model)}), out)
+  try:
+    summary = _run_job(mine_job.run, _sub_config(
+        config, "mine", **{"data.prompts": data["mine"], "mine.chosen": "reference", "mine.rejected": "degenerate",
+                           **_model(sft_model)}), out)
+  except mine_job.NoPairsError as e:  # the demo's own message says what to change in the demo
+    summary = e.summary
   if summary["pairs_rejected_degenerate"] == 0:
     raise DemoStopped(
         f"stage 3/6 (mine): the SFT model's {summary['samples']} samples on {summary['records']} mine pages hold "

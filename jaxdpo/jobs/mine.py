@@ -38,6 +38,14 @@ def _cer(ref, hyp) -> float:
   return eval_stats.cer([ref], [hyp]) if ref else float("inf")
 
 
+class NoPairsError(UserError):
+  """Mining without a fallback found no pair; `summary` is the mine summary (written too)."""
+
+  def __init__(self, message: str, summary: dict):
+    super().__init__(message)
+    self.summary = summary
+
+
 def pick_pair(samples: list[dict], reference, *, chosen_mode: str, rejected_mode: str):
   """(chosen text, rejected sample) for one record, or (None, reason) when it yields no pair."""
   degenerate = [s for s in samples if s["is_degenerate"]]
@@ -126,11 +134,12 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
       jsonio.write_jsonl(os.path.join(workdir, "samples.jsonl"), rows)
       jsonio.write_json(os.path.join(workdir, "mine_summary.json"), summary)
-    raise UserError(
+    raise NoPairsError(
         f"mine: 0 pairs from {len(items)} records ({summary['degenerate_samples']} of {len(rows)} samples "
         f"degenerate; records without a pair: {reasons}); nothing written to pairs.jsonl. "
         f"Sample more (config.mine.num_samples, generate.max_new_tokens) or fall back to the worst sample "
-        f"by CER with --config.mine.rejected=worst_cer (samples: {os.path.join(workdir, 'samples.jsonl')})")
+        f"by CER with --config.mine.rejected=worst_cer (samples: {os.path.join(workdir, 'samples.jsonl')})",
+        summary)
   if jax.process_index() == 0:
     jsonio.write_jsonl(os.path.join(workdir, "samples.jsonl"), rows)
     jsonio.write_jsonl(os.path.join(workdir, "pairs.jsonl"), pairs)
