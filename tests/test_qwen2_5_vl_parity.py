@@ -108,7 +108,7 @@ def test_logits_match_transformers(setup, rows):
   inputs["pixel_values"] = inputs["pixel_values"] + 1.0
   moved = np.asarray(logits({k: jnp.asarray(x) for k, x in inputs.items()}))
   assert _rel(moved[:2][real[:2]], setup["logits"][:2][real[:2]]) > 1e-3
-  np.testing.assert_allclose(moved[2][real[2]], out[2][real[2]], rtol=0, atol=1e-6)  # text-only row
+  assert _rel(moved[2][real[2]], out[2][real[2]]) < 1e-6  # the text-only row, relative to its max |logit|
 
 
 def test_text_only_batch_needs_no_pixels(setup):
