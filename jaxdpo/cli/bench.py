@@ -2,6 +2,7 @@
 
   python -m jaxdpo.bench --workload uniform-1k [--steps 12] [--reference model|cached]
                          [--peer-json peer.jsonl | --run-peer ../shared/bench/trl_dpo_peer.py]
+  python -m jaxdpo.bench --workload uniform-1k --analyze   # compile only: FLOPs and memory plan
 
 Workloads follow `shared/bench/README.md` (batch of 8 pairs, sigmoid loss, beta 0.1, bf16
 compute, random weights):
@@ -15,7 +16,8 @@ Prints one JSON line: seconds per step (mean of the timed steps after warm-up), 
 useful tokens/s (non-padding prompt+chosen and prompt+rejected tokens), MFU against
 `--peak-tflops` (989, H200 dense bf16) with the peer's FLOP formula, peak device memory, and,
 when a peer figure for the same workload is given, the ratio ours / peer measured on the same
-machine. Speed is only ever measured here, never asserted in tests.
+machine. Speed is only ever measured here, never asserted in tests. `--analyze` compiles the
+full-size step from shapes only and reports its work and memory plan (`jaxdpo.cli.bench_analyze`).
 """
 
 from __future__ import annotations
@@ -198,7 +200,16 @@ def main(argv=None) -> int:
   ap.add_argument("--peak-tflops", type=float, default=989.0)
   ap.add_argument("--peer-json", help="JSON lines printed by the peer script on this machine")
   ap.add_argument("--run-peer", help="path of shared/bench/trl_dpo_peer.py, to run it here first")
+  ap.add_argument("--analyze", action="store_true",
+                  help="AOT-compile the step without allocating; print xla_flops, useful_flops, work_ratio, "
+                       "planned_peak_gb, compile_s")
   args = ap.parse_args(argv)
+  if args.analyze:
+    from jaxdpo.cli import bench_analyze
+    print(json.dumps(bench_analyze.analyze(args.workload, batch=args.batch, reference=args.reference,
+                                           param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
+                                           chunk=args.logprob_chunk)))
+    return 0
   result = run(args.workload, steps=args.steps, warmup=args.warmup, batch=args.batch, reference=args.reference,
                param_dtype=args.param_dtype, compute_dtype=args.compute_dtype, chunk=args.logprob_chunk,
                peak_tflops=args.peak_tflops)

@@ -44,6 +44,7 @@ class StepConfig:
   compute_dtype: jnp.dtype = jnp.float32
   grad_accum: int = 1
   logprob_chunk: int = 256
+  logprob_unroll: bool = False  # unrolled chunk loop, for FLOP counting (`bench --analyze`)
   logit_softcap: float | None = None  # None: use the model's own `logit_softcap`
   model_inputs: Callable[[dict, int], dict] = batching.text_inputs
 
@@ -55,7 +56,8 @@ def pair_logps(graphdef, params, batch, cfg: StepConfig):
   flat = cfg.model_inputs(batch, 2)  # rows c0, r0, c1, r1, ...
   h_BTD = model.hidden_states(flat)
   seq, per_tok, counts = logprobs.completion_logps(h_BTD, model.unembedding(), flat["input_ids"], flat["loss_mask"],
-                                                   chunk_size=cfg.logprob_chunk, logit_softcap=softcap(cfg, model))
+                                                   chunk_size=cfg.logprob_chunk, logit_softcap=softcap(cfg, model),
+                                                   unroll=cfg.logprob_unroll)
   b = batch["input_ids"].shape[0]
   return seq.reshape(b, 2), per_tok.reshape(b, 2, -1), counts.reshape(b, 2)
 

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 
-def token_logps(h_BTD, w_VD, targets_BT, *, chunk_size: int = 256, logit_softcap: float | None = None):
+def token_logps(h_BTD, w_VD, targets_BT, *, chunk_size: int = 256, logit_softcap: float | None = None,
+                unroll: bool = False):
   """log p(targets[t] | h[t]) for every t, fp32 [B, T].
 
   Args:
@@ -22,6 +23,8 @@ def token_logps(h_BTD, w_VD, targets_BT, *, chunk_size: int = 256, logit_softcap
     targets_BT: int token ids to score at each position (already shifted by the caller).
     chunk_size: sequence positions per chunk.
     logit_softcap: optional tanh soft-capping of the logits (cap * tanh(x / cap)).
+    unroll: unroll the chunk loop (same values). XLA's cost analysis counts a loop body once,
+      so `python -m jaxdpo.bench --analyze` counts FLOPs on the unrolled program.
 
   Returns:
     fp32 [B, T] log-probabilities.
@@ -45,12 +48,16 @@ def token_logps(h_BTD, w_VD, targets_BT, *, chunk_size: int = 256, logit_softcap
     tgt_Bc = jnp.take_along_axis(logits_BcV, t_Bc[..., None], axis=-1)[..., 0]
     return tgt_Bc - lse_Bc
 
-  lp_CBc = jax.lax.map(lambda args: chunk(*args), (h_CBcD, t_CBc))
+  if n_chunks == 1:  # no loop at all (jax emits a while even for one unrolled iteration)
+    lp_CBc = chunk(h_CBcD[0], t_CBc[0])[None]
+  else:
+    _, lp_CBc = jax.lax.scan(lambda carry, args: (carry, chunk(*args)), None, (h_CBcD, t_CBc),
+                             unroll=bool(unroll))
   return lp_CBc.swapaxes(0, 1).reshape(b, n_chunks * c)[:, :t]
 
 
 def completion_logps(h_BTD, w_VD, input_ids_BT, loss_mask_BT, *, chunk_size: int = 256,
-                     logit_softcap: float | None = None):
+                     logit_softcap: float | None = None, unroll: bool = False):
   """Summed log-probs of completion tokens, plus the per-token values.
 
   Token t+1 is predicted from position t; it counts when `loss_mask[t+1]` is set. The mask
@@ -61,7 +68,8 @@ def completion_logps(h_BTD, w_VD, input_ids_BT, loss_mask_BT, *, chunk_size: int
   """
   targets_BT = input_ids_BT[:, 1:]
   mask_BT = loss_mask_BT[:, 1:].astype(jnp.float32)
-  lp_BT = token_logps(h_BTD[:, :-1], w_VD, targets_BT, chunk_size=chunk_size, logit_softcap=logit_softcap)
+  lp_BT = token_logps(h_BTD[:, :-1], w_VD, targets_BT, chunk_size=chunk_size, logit_softcap=logit_softcap,
+                      unroll=unroll)
   lp_BT = lp_BT * mask_BT
   return lp_BT.sum(-1), lp_BT, mask_BT.sum(-1)
 

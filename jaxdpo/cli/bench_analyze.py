@@ -1,0 +1,124 @@
+"""`python -m jaxdpo.bench --workload W --analyze`: the work and memory of one full-size step.
+
+The train step is compiled ahead of time on the current backend from shapes only
+(`ShapeDtypeStruct`s for parameters, optimizer state, reference and batch), so nothing the size
+of the model is allocated. One JSON line reports:
+
+  xla_flops        XLA's cost analysis of the step with the LM head's chunk loop unrolled.
+                   XLA's `HloCostAnalysis` counts a while-loop body once, whatever its trip count;
+                   the layers are a Python loop (straight-line HLO) and the chunk loop is the
+                   step's only loop, so unrolling it (`StepConfig.logprob_unroll`, same values)
+                   makes the count cover every iteration. The count is taken on the lowered
+                   (pre-optimisation) module: remat recomputation is already explicit there, and
+                   no second full compile is needed. `loops_in_count` says how many loops were
+                   left in that module (0: the count is complete).
+  useful_flops     `shared/bench/README.md`'s formula, on the useful tokens of the batches the
+                   bench times (same seed): tokens x (2 non-embedding params + 2VD + 2LTD) x 4
+                   (policy fwd+bwd, reference fwd), x 3 with a cached reference.
+  work_ratio       xla_flops / useful_flops.
+  planned_peak_gb  per device, from the compiled step's buffer assignment (arguments + outputs
+                   not aliased to donated arguments + temporaries), with the breakdown. It is
+                   the current backend's plan; on CPU it stands in for the H200's.
+  compile_s        seconds to compile the step (the real program, chunk loop rolled).
+  settings         batch, dtypes, reference mode, chunk, devices, backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from jaxdpo.models import io, registry
+from jaxdpo.objectives import dpo_losses as losses
+from jaxdpo.objectives import dpo_step as step_lib
+from jaxdpo.parallel import memory
+from jaxdpo.parallel import sharding as shd
+from jaxdpo.train import optim, update
+
+GB = 2**30  # GiB, as the bench's peak_mem_gb
+
+
+def useful_flops(workload, *, batch: int, reference: str, n_params: int, steps: int = 10, warmup: int = 2) -> float:
+  """README useful FLOPs per step: mean useful tokens of the timed batches x model FLOPs per token."""
+  from jaxdpo.cli import bench
+  cfg = workload.model
+  batches = bench.synthetic_batches(workload, batch, warmup + steps, cfg.vocab_size)
+  tokens = float(np.mean([u for _, u in batches[warmup:]]))
+  seq = workload.prompt[1] + max(workload.chosen[1], workload.rejected[1])
+  per_token = bench.model_flops_per_token(n_params, cfg.vocab_size * cfg.hidden_size, cfg, seq)
+  return tokens * per_token * (3 + (1 if reference == "model" else 0))
+
+
+def _abstract_state(abstract_params, tx, mesh):
+  p_sh = shd.param_shardings(abstract_params, shd.DEFAULT_RULES, mesh)
+  params = memory.with_shardings(nnx.to_pure_dict(abstract_params), p_sh)
+  abstract_opt = jax.eval_shape(tx.init, params)
+  opt = memory.with_shardings(abstract_opt, memory.opt_state_shardings(abstract_opt, params, p_sh, mesh))
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shd.replicated(mesh))
+  return {"step": step, "params": params, "opt_state": opt}, p_sh
+
+
+def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, compute_dtype: str, chunk: int,
+            compile: bool = True) -> dict:
+  """Compiles the full-size step from shapes and returns the fields in the module docstring.
+
+  With `compile=False` only the FLOP count is made (lowering only; no memory plan, no compile_s).
+  """
+  from jaxdpo.cli import bench
+  w = bench.WORKLOADS[workload]()
+  fam, cfg = registry.get_family(w.family), w.model
+  mesh = shd.make_mesh({"data": 1})  # the bench's settings on one device (one H200)
+  pdt, cdt = jnp.dtype(param_dtype), jnp.dtype(compute_dtype)
+  impl = "cudnn" if jax.default_backend() == "gpu" and cdt.itemsize == 2 else "xla"
+  graphdef, abstract = io.build_abstract(fam, cfg, pdt, impl)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.to_pure_dict(abstract)))
+  ocfg = ConfigDict(dict(lr=1e-6, schedule="constant", warmup_steps=0, end_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
+                         weight_decay=0.0, max_grad_norm=1.0))
+  tx, schedule = optim.make_optimizer(ocfg, 12)
+  state, p_sh = _abstract_state(abstract, tx, mesh)
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  ref = None
+  if reference == "model":  # held in the compute dtype, as the bench holds it
+    ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cdt, sharding=x.sharding), state["params"])
+  sample = bench.synthetic_batches(w, 1, 1, cfg.vocab_size)[0][0]
+  if reference == "cached":
+    sample["ref_logps"] = np.zeros((1, 2), np.float32)
+  batch_sds = memory.abstract_batch(sample, batch, mesh)
+  scfg = step_lib.StepConfig(loss=losses.DPOLossConfig(beta=0.1), compute_dtype=cdt, logprob_chunk=chunk)
+
+  def lowered(cfg_):
+    step_fn = update.make_train_step(step_lib.objective(graphdef, cfg_), tx, mesh, state_sh,
+                                     None if ref is None else p_sh, schedule, grad_accum=cfg_.grad_accum)
+    return step_fn.lower(state, ref, batch_sds)
+
+  plan = {}
+  if compile:
+    t0 = time.perf_counter()
+    compiled = lowered(scfg).compile()
+    compile_s = time.perf_counter() - t0
+    stats = compiled.memory_analysis()
+    args, temp = int(stats.argument_size_in_bytes), int(stats.temp_size_in_bytes)
+    extra_out = max(0, int(stats.output_size_in_bytes) - int(stats.alias_size_in_bytes))
+    del compiled
+    plan = {"planned_peak_gb": (args + extra_out + temp) / GB,
+            "planned_gb": {"arguments": args / GB, "outputs_not_aliased": extra_out / GB, "temporaries": temp / GB,
+                           "params": memory.per_device_bytes(state["params"]) / GB,
+                           "opt_state": memory.per_device_bytes(state["opt_state"]) / GB,
+                           "reference": (memory.per_device_bytes(ref) if ref is not None else 0) / GB},
+            "compile_s": compile_s}
+  counted = lowered(dataclasses.replace(scfg, logprob_unroll=True))
+  xla_flops = float(counted.cost_analysis()["flops"])
+  loops = counted.as_text().count("stablehlo.while")
+  useful = useful_flops(w, batch=batch, reference=reference, n_params=n_params)
+  return {"impl": "jaxdpo", "workload": workload, "analyze": True, "xla_flops": xla_flops,
+          "useful_flops": useful, "work_ratio": xla_flops / useful, "loops_in_count": loops, **plan,
+          "params": n_params,
+          "settings": {"batch": batch, "reference": reference, "param_dtype": param_dtype,
+                       "compute_dtype": compute_dtype, "logprob_chunk": chunk, "attention_impl": impl,
+                       "devices": mesh.size, "backend": jax.default_backend()}}
