@@ -50,6 +50,14 @@ def test_readme_tiny_vl_chain_runs_from_another_directory(tmp_path):
       vl / "sft" / "model")
   assert [m["step"] for m in _jsonl(vl / "dpo" / "metrics.jsonl")] == [2, 4]
   assert "dpo finished at step 4/4" in r.stdout
+  # The chain's model (a preset, trained) exports, as the block's last line writes it, and loads.
+  assert r.stdout.count("export   python -m jaxdpo.convert jax-to-hf --ckpt") == 2  # sft's and dpo's summaries
+  import torch
+  from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+  hf, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(vl / "hf"), dtype=torch.float32,
+                                                                 output_loading_info=True)
+  assert {k: v for k, v in info.items() if v} == {}, info
+  assert hf.config.text_config.vocab_size == 64 and AutoTokenizer.from_pretrained(str(vl / "hf")).eos_token
 
 
 def test_tiny_vl_defaults_are_shipped_files():

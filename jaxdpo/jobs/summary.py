@@ -73,5 +73,5 @@ def render(summary: dict) -> str:
   if summary["export_command"]:
     lines.append(f"  export   {summary['export_command']}")
   elif summary["model"]:
-    lines.append("  export   not available: this family cannot derive an HF config from a preset (no hf_config.json)")
+    lines.append("  export   not available: no HF config.json could be derived for this model (see the warning above)")
   return "\n".join(lines)

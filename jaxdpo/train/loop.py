@@ -275,7 +275,10 @@ def export_final_model(workdir: str, config, bundle, params) -> str:
   hf_config = io.source_hf_config(config.model.checkpoint)
   if hf_config is None and bundle.family.config_to_hf is not None:
     # A preset-initialised model: derive its config.json so that jax-to-hf can export it.
-    hf_config = bundle.family.config_to_hf(bundle.config)
+    try:
+      hf_config = bundle.family.config_to_hf(bundle.config)
+    except errors.ConversionError as e:  # the trained model is still written; only its export is refused
+      log.warning("the model cannot be exported to HF: %s", e)
   return io.export_model_dir(os.path.join(workdir, "model"), bundle.family, bundle.config, params,
                              hf_config=hf_config, tokenizer_dir=tok_dir)
 

@@ -196,6 +196,74 @@ def causal_lm_config_from_hf(hf: dict) -> Gemma3TextConfig:
 
 
 # ----------------------------------------------------------------------------------------------
+# jaxdpo config -> config.json (models initialised from a preset carry no source config.json)
+
+
+def _rope_to_hf(theta: float, factor: float) -> dict:
+  if factor == 1.0:
+    return {"rope_type": "default", "rope_theta": theta}
+  return {"rope_type": "linear", "factor": factor, "rope_theta": theta}
+
+
+def text_config_to_hf(cfg: Gemma3TextConfig, *, causal_lm: bool) -> dict:
+  """A `Gemma3TextConfig` dict (transformers 5 form: `layer_types`, `rope_parameters` per layer type).
+
+  Args:
+    cfg: the decoder config.
+    causal_lm: whether it is for `Gemma3ForCausalLM` (config.json itself, softcapping honoured)
+      or the `text_config` of the multimodal model, which never applies softcapping.
+
+  Raises:
+    ConversionError: a multimodal config with `final_logit_softcapping` set (transformers would
+      not apply it, so the export would compute other logits), or a fractional
+      `query_pre_attn_scalar` (transformers takes an int).
+  """
+  if cfg.final_logit_softcapping is not None and not causal_lm:
+    raise ConversionError(f"final_logit_softcapping={cfg.final_logit_softcapping}: "
+                          "Gemma3ForConditionalGeneration does not apply it, so the export would differ")
+  if cfg.query_pre_attn_scalar != int(cfg.query_pre_attn_scalar):
+    raise ConversionError(f"query_pre_attn_scalar={cfg.query_pre_attn_scalar}: transformers' Gemma3TextConfig "
+                          "takes an integer")
+  eos = list(cfg.eos_token_ids)
+  return {
+      "model_type": "gemma3_text", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+      "layer_types": list(cfg.layer_types), "sliding_window": cfg.sliding_window,
+      "query_pre_attn_scalar": int(cfg.query_pre_attn_scalar),
+      "rope_parameters": {FULL: _rope_to_hf(cfg.rope_global_theta, cfg.rope_global_linear_factor),
+                          SLIDING: _rope_to_hf(cfg.rope_local_theta, cfg.rope_local_linear_factor)},
+      "rms_norm_eps": cfg.rms_norm_eps, "hidden_activation": cfg.hidden_act, "attention_bias": cfg.attention_bias,
+      "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_word_embeddings,
+      "final_logit_softcapping": cfg.final_logit_softcapping, "bos_token_id": cfg.bos_token_id,
+      "eos_token_id": eos[0] if len(eos) == 1 else eos, "pad_token_id": cfg.pad_token_id, "dtype": "float32",
+  }
+
+
+def causal_lm_config_to_hf(cfg: Gemma3TextConfig) -> dict:
+  """`Gemma3TextConfig` -> a `Gemma3ForCausalLM` config.json (inverse of `causal_lm_config_from_hf`)."""
+  return {"architectures": ["Gemma3ForCausalLM"], **text_config_to_hf(cfg, causal_lm=True)}
+
+
+def config_to_hf(cfg: Gemma3Config) -> dict:
+  """`Gemma3Config` -> a `Gemma3ForConditionalGeneration` config.json (inverse of `config_from_hf`)."""
+  text, v = text_config_to_hf(cfg.text, causal_lm=False), cfg.vision
+  vision = {
+      "model_type": "siglip_vision_model", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+      "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "image_size": v.image_size,
+      "patch_size": v.patch_size, "num_channels": v.num_channels, "layer_norm_eps": v.layer_norm_eps,
+      "hidden_act": v.hidden_act, "vision_use_head": False, "attention_dropout": 0.0,
+  }
+  return {
+      "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "dtype": "float32",
+      "text_config": text, "vision_config": vision, "mm_tokens_per_image": cfg.mm_tokens_per_image,
+      "image_token_index": cfg.image_token_id, "boi_token_index": cfg.boi_token_id,
+      "eoi_token_index": cfg.eoi_token_id, "tie_word_embeddings": cfg.text.tie_word_embeddings,
+      "eos_token_id": text["eos_token_id"],
+  }
+
+
+# ----------------------------------------------------------------------------------------------
 # Rules
 
 

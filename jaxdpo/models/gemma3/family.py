@@ -14,10 +14,10 @@ GEMMA3 = registry.register(registry.Family(
     config_cls=gemma3_config.Gemma3Config, config_from_hf=gemma3_convert.config_from_hf,
     rules=gemma3_convert.rules, normalize_key=gemma3_convert.normalize_key, presets=gemma3_config.PRESETS,
     model_inputs=gemma3_batching.model_inputs, vision_adapter="jaxdpo.data.vision.gemma:Gemma3Adapter",
-    vision_params=("vision_tower", "multi_modal_projector")))
+    vision_params=("vision_tower", "multi_modal_projector"), config_to_hf=gemma3_convert.config_to_hf))
 
 GEMMA3_TEXT = registry.register(registry.Family(
     name="gemma3_text", hf_architectures=("Gemma3ForCausalLM",), module_cls=Gemma3TextModel,
     config_cls=gemma3_config.Gemma3TextConfig, config_from_hf=gemma3_convert.causal_lm_config_from_hf,
     rules=gemma3_convert.causal_lm_rules, normalize_key=gemma3_convert.causal_lm_normalize_key,
-    presets=gemma3_config.TEXT_PRESETS))
+    presets=gemma3_config.TEXT_PRESETS, config_to_hf=gemma3_convert.causal_lm_config_to_hf))

@@ -8,8 +8,8 @@ import re
 import numpy as np
 
 from jaxdpo.models import hf_fields
-from jaxdpo.models.convert_table import (Rule, identity, key_normalizer, linear_in, linear_out, replace_prefix,
-                                         reshape)
+from jaxdpo.models.convert_table import (ConversionError, Rule, identity, key_normalizer, linear_in, linear_out,
+                                         replace_prefix, reshape)
 from jaxdpo.models.qwen2_5_vl.config import Qwen2_5_VLConfig, Qwen2TextConfig, VisionConfig
 
 
@@ -155,6 +155,48 @@ def vl_config_from_hf(hf: dict) -> Qwen2_5_VLConfig:
       text=text, vision=vision, image_token_id=hf.get("image_token_id", 151655),
       video_token_id=hf.get("video_token_id", 151656), vision_start_token_id=hf.get("vision_start_token_id", 151652),
       vision_end_token_id=hf.get("vision_end_token_id", 151653))
+
+
+def vl_config_to_hf(cfg: Qwen2_5_VLConfig) -> dict:
+  """The `Qwen2_5_VLForConditionalGeneration` config.json of a VL config (inverse of `vl_config_from_hf`).
+
+  Written for models initialised from a preset (e.g. `demo_vl`), which carry no source config.json,
+  so that their export loads with `from_pretrained`.
+
+  Raises:
+    ConversionError: the config uses a value transformers' Qwen2.5-VL cannot express (its text
+      attention derives head_dim from hidden_size / heads; its vision norms use eps 1e-6).
+  """
+  t, v = cfg.text, cfg.vision
+  if t.head_size * t.num_heads != t.hidden_size:
+    raise ConversionError(f"text head_dim={t.head_size} x {t.num_heads} heads != hidden_size={t.hidden_size}: "
+                          "transformers' Qwen2.5-VL attention cannot express it")
+  if v.rms_norm_eps != 1e-6:
+    raise ConversionError(f"vision rms_norm_eps={v.rms_norm_eps}: transformers' Qwen2.5-VL vision tower uses 1e-6")
+  text = text_config_to_hf(dataclasses.replace(t, mrope_section=None))
+  del text["architectures"]
+  if t.head_dim is None:
+    del text["head_dim"]  # as the source wrote it (a round trip gives the same config)
+  # Token ids written even when None: transformers' Qwen2.5-VL defaults (151643 / 151645) lie
+  # outside a small preset's vocabulary.
+  text.update(model_type="qwen2_5_vl_text", bos_token_id=None, eos_token_id=t.eos_token_id,
+              pad_token_id=t.pad_token_id,
+              rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)})
+  vision = {
+      "model_type": "qwen2_5_vl_vision", "depth": v.depth, "hidden_size": v.hidden_size,
+      "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "out_hidden_size": v.out_hidden_size,
+      "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+      "spatial_merge_size": v.spatial_merge_size, "window_size": v.window_size,
+      "fullatt_block_indexes": list(v.fullatt_block_indexes), "in_channels": v.in_channels,
+      "hidden_act": v.hidden_act, "tokens_per_second": v.tokens_per_second,
+      "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+  }
+  return {
+      "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "dtype": "float32",
+      "text_config": text, "vision_config": vision, "tie_word_embeddings": t.tie_word_embeddings,
+      "image_token_id": cfg.image_token_id, "video_token_id": cfg.video_token_id,
+      "vision_start_token_id": cfg.vision_start_token_id, "vision_end_token_id": cfg.vision_end_token_id,
+  }
 
 
 def _patch_embed(cfg: VisionConfig):

@@ -22,4 +22,4 @@ QWEN2_5_VL = registry.register(registry.Family(
     rules=qwen_convert.vl_rules, normalize_key=qwen_convert.vl_normalize_key, presets=qwen_config.VL_PRESETS,
     denormalize_key=qwen_convert.vl_denormalize_key, model_inputs=qwen_batching.model_inputs,
     vision_adapter="jaxdpo.data.vision.qwen:QwenVLAdapter", row_positions=qwen_batching.row_positions,
-    vision_params=("visual",)))  # the patch merger (projector) lives inside `visual`
+    vision_params=("visual",), config_to_hf=qwen_convert.vl_config_to_hf))  # the patch merger (projector) lives inside `visual`
