@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdpo.data import pipeline, records, tokenize
+from jaxdpo.data import pipeline, records, tokenize, tokenizer_check
 from jaxdpo.generation import decode
 from jaxdpo.generation.decode import GenerationOutput
 from jaxdpo.models import io, registry
@@ -39,10 +39,17 @@ def families() -> list[str]:
   return sorted(registry.families())
 
 
-def convert(hf_dir: str, out_dir: str, *, overwrite: bool = False) -> str:
+def convert(hf_dir: str, out_dir: str, *, overwrite: bool = False, tokenizer: str | bool = True) -> str:
   """Converts an HF checkpoint directory (config.json + safetensors, tokenizer files) into a
-  jaxdpo checkpoint directory, as `python -m jaxdpo.convert hf-to-jax` does; returns `out_dir`."""
-  return io.hf_to_jax_dir(hf_dir, out_dir, overwrite=overwrite)
+  jaxdpo checkpoint directory, as `python -m jaxdpo.convert hf-to-jax` does; returns `out_dir`.
+
+  `tokenizer`: True checks that the tokenizer (and a vision model's image processor) loads from
+  `hf_dir` and copies it; a directory takes those files from there instead; False converts the
+  weights only. A tokenizer that does not load raises `TokenizerSourceError` before anything is
+  written."""
+  check = functools.partial(tokenizer_check.require, given=isinstance(tokenizer, str),
+                            pass_dir="tokenizer=DIR", skip="tokenizer=False")
+  return io.hf_to_jax_dir(hf_dir, out_dir, overwrite=overwrite, tokenizer=tokenizer, check_tokenizer=check)
 
 
 def load(checkpoint_dir: str, *, param_dtype=jnp.float32) -> tuple[str, Any, nnx.Module]:

@@ -29,6 +29,10 @@ class ConversionError(UserError, ValueError):
   """A checkpoint or HF model that cannot be converted or loaded."""
 
 
+class TokenizerSourceError(ConversionError):
+  """hf-to-jax was given no tokenizer (or, for a vision-language model, image processor) that loads."""
+
+
 class CheckpointNotFoundError(ConversionError, FileNotFoundError):
   """A path that should hold a checkpoint does not."""
 

@@ -135,7 +135,8 @@ def converted_vl(tmp_path_factory, converted):
   hf_dir = os.path.join(root, "hf")
   hf.save_pretrained(hf_dir)
   tok.save_pretrained(hf_dir)
-  return hf, tok, api.convert(hf_dir, os.path.join(root, "ckpt"))
+  # The text tokenizer has no image tokens and there is no processor: weights only (tests use `tok`).
+  return hf, tok, api.convert(hf_dir, os.path.join(root, "ckpt"), tokenizer=False)
 
 
 def test_qwen2_5_vl_text_logits_and_greedy_generation(converted_vl):

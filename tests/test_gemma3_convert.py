@@ -64,7 +64,7 @@ def test_round_trip_is_bit_exact(vlm, layout, tmp_path):
   src = str(tmp_path / "src")
   # The hub layout also carries a copy of the tied head, which must be ignored, not kept.
   H.save_in_layout(vlm, src, layout, keep_tied_head=(layout == "hub"))
-  assert cli.main(["hf-to-jax", "--hf-dir", src, "--out", str(tmp_path / "ck")]) == 0
+  assert cli.main(["hf-to-jax", "--hf-dir", src, "--out", str(tmp_path / "ck"), "--no-tokenizer"]) == 0
   assert cli.main(["jax-to-hf", "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "out")]) == 0
   written = _read_all(str(tmp_path / "out"))
   reference = {k: v.detach().numpy() for k, v in vlm.state_dict().items() if k != "lm_head.weight"}
@@ -117,7 +117,7 @@ def test_vocab_mismatch_is_refused(tmp_path, embed_rows, config_vocab):
   assert "262208" in msg
   assert not os.path.exists(tmp_path / "ck")  # nothing half-written
   # The CLI reports the same thing and exits non-zero.
-  assert cli.main(["hf-to-jax", "--hf-dir", src, "--out", str(tmp_path / "ck2")]) == 2
+  assert cli.main(["hf-to-jax", "--hf-dir", src, "--out", str(tmp_path / "ck2"), "--no-tokenizer"]) == 2
   assert not os.path.exists(tmp_path / "ck2")
 
 

@@ -61,7 +61,7 @@ def _edited(src: str, dst: str, edit) -> str:
 def _convert(hf_dir: str, out: str) -> tuple[int, str]:
   err = std_io.StringIO()
   with contextlib.redirect_stderr(err):
-    rc = cli.main(["hf-to-jax", "--hf-dir", hf_dir, "--out", out])
+    rc = cli.main(["hf-to-jax", "--hf-dir", hf_dir, "--out", out, "--no-tokenizer"])  # weights only
   return rc, err.getvalue()
 
 
@@ -172,7 +172,8 @@ def test_refusal_through_python_m(sources, tmp_path):
   family, edit, field = REFUSED["qwen2_5_vl-yarn"]
   src = _edited(sources[family], str(tmp_path / "src"), edit)
   out = tmp_path / "out"
-  proc = subprocess.run([sys.executable, "-m", "jaxdpo.convert", "hf-to-jax", "--hf-dir", src, "--out", str(out / "ck")],
+  proc = subprocess.run([sys.executable, "-m", "jaxdpo.convert", "hf-to-jax", "--hf-dir", src, "--out", str(out / "ck"),
+                         "--no-tokenizer"],
                         cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 2, proc.stderr

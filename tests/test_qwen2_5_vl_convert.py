@@ -30,12 +30,14 @@ def hf_dirs(tmp_path_factory):
 
 
 def _tiny_tokenizer():
+  """A word-level tokenizer that hf-to-jax's check accepts: an eos and the model's vision tokens."""
   from tokenizers import Tokenizer, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
-  vocab = {"<pad>": 0, "hello": 1, "world": 2, "<unk>": 3}
+  vocab = {"<pad>": 0, "hello": 1, "world": 2, "<unk>": 3, "<eos>": 4, "<|image_pad|>": H.IMAGE,
+           "<|video_pad|>": H.VIDEO, "<|vision_start|>": H.VSTART, "<|vision_end|>": H.VEND}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+  return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
 def _siblings(path):

@@ -1,10 +1,15 @@
 """Weight conversion CLI.
 
-  python -m jaxdpo.convert hf-to-jax --hf-dir HF_DIR --out CKPT_DIR [--overwrite]
+  python -m jaxdpo.convert hf-to-jax --hf-dir HF_DIR --out CKPT_DIR [--tokenizer DIR | --no-tokenizer] [--overwrite]
   python -m jaxdpo.convert jax-to-hf --ckpt CKPT_DIR --out HF_DIR [--overwrite]
 
 Both directions are all-or-nothing: output is written to a temporary directory next to the
 target and renamed into place only when every tensor has been converted and checked.
+
+hf-to-jax first checks that the tokenizer (and, for vision-language models, the image processor,
+preprocessor_config.json) loads from HF_DIR, as the jobs will load it from CKPT_DIR/tokenizer;
+if not, it stops before writing anything. --tokenizer DIR takes those files from DIR instead;
+--no-tokenizer converts the weights only (no CKPT_DIR/tokenizer; pass data.tokenizer to jobs).
 """
 
 from __future__ import annotations
@@ -16,18 +21,31 @@ import sys
 # transformers prints an advisory banner at import when torch is absent; conversion never needs torch.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+import functools
+
+from jaxdpo.data import tokenizer_check
 from jaxdpo.errors import UserError
 from jaxdpo.models import io
+
+
+HF_TO_JAX = """HF safetensors -> jaxdpo (orbax) checkpoint. The tokenizer (and, for vision-language
+models, the image processor) must load from --hf-dir, or from --tokenizer DIR, as the jobs will
+load it from CKPT_DIR/tokenizer; otherwise nothing is written. --no-tokenizer skips it."""
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m jaxdpo.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
-  a = sub.add_parser("hf-to-jax", help="HF safetensors -> jaxdpo (orbax) checkpoint")
-  a.add_argument("--hf-dir", required=True)
-  a.add_argument("--out", required=True)
+  a = sub.add_parser("hf-to-jax", help="HF safetensors -> jaxdpo (orbax) checkpoint", description=HF_TO_JAX)
+  a.add_argument("--hf-dir", required=True, metavar="HF_DIR")
+  a.add_argument("--out", required=True, metavar="CKPT_DIR")
   a.add_argument("--overwrite", action="store_true")
+  tok = a.add_mutually_exclusive_group()
+  tok.add_argument("--tokenizer", metavar="DIR",
+                   help="take the tokenizer / image processor files from DIR instead of --hf-dir")
+  tok.add_argument("--no-tokenizer", action="store_true",
+                   help="convert the weights only: write no CKPT_DIR/tokenizer")
   b = sub.add_parser("jax-to-hf", help="jaxdpo checkpoint -> HF safetensors directory")
   b.add_argument("--ckpt", required=True)
   b.add_argument("--out", required=True)
@@ -36,7 +54,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command == "hf-to-jax":
-      out = io.hf_to_jax_dir(args.hf_dir, args.out, overwrite=args.overwrite)
+      out = io.hf_to_jax_dir(args.hf_dir, args.out, overwrite=args.overwrite,
+                             tokenizer=False if args.no_tokenizer else (args.tokenizer or True),
+                             check_tokenizer=functools.partial(tokenizer_check.require, given=args.tokenizer is not None))
     else:
       out = io.jax_to_hf_dir(args.ckpt, args.out, overwrite=args.overwrite,
                              max_shard_bytes=int(args.max_shard_gb * (1 << 30)))

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -33,6 +34,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.json",
                    "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
                    "video_preprocessor_config.json", "generation_config.json")
+# A tokenizer needs at least one of these (transformers finds the rest from them).
+TOKENIZER_OWN_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def path_str(path) -> str:
@@ -212,9 +215,27 @@ def load_hf_model(hf_dir: str, *, param_dtype=jnp.float32, attention_impl=None, 
   return family, cfg, graphdef, state
 
 
-def hf_to_jax_dir(hf_dir: str, out_dir: str, *, overwrite: bool = False, dtype=None) -> str:
-  """Converts an HF checkpoint directory into a jaxdpo checkpoint directory, atomically."""
+def hf_to_jax_dir(hf_dir: str, out_dir: str, *, overwrite: bool = False, dtype=None, tokenizer: str | bool = True,
+                  check_tokenizer: Callable[[registry.Family, Any, str], None] | None = None) -> str:
+  """Converts an HF checkpoint directory into a jaxdpo checkpoint directory, atomically.
+
+  Args:
+    hf_dir: the HF model directory (config.json, safetensors).
+    out_dir: the converted checkpoint directory to write.
+    overwrite: replace `out_dir` if it exists.
+    dtype: optional dtype to store the parameters in.
+    tokenizer: where `out_dir/tokenizer/` comes from: True for `hf_dir`'s own tokenizer and
+      processor files, a directory to take them from, or False for no tokenizer directory.
+      A source without tokenizer files gives no `tokenizer/` (never one holding only
+      generation_config.json).
+    check_tokenizer: optional `(family, config, tokenizer source) -> None` that raises to refuse
+      the source; run after the config audit and before any weight is read or anything written
+      (the CLI passes the jobs' own loading check, which lives in `jaxdpo.data`).
+  """
   hf_config, family, cfg = read_hf_config(hf_dir)
+  tok_src = hf_dir if tokenizer is True else (tokenizer or None)
+  if tok_src and check_tokenizer is not None:
+    check_tokenizer(family, cfg, tok_src)
   _, abstract = build_abstract(family, cfg)
   expected = {k: tuple(v.shape) for k, v in flatten(nnx.to_pure_dict(abstract)).items()}
   flat = convert_table.hf_to_jax(convert_table.iter_hf_tensors(hf_dir), family.rules(cfg), expected,
@@ -226,16 +247,31 @@ def hf_to_jax_dir(hf_dir: str, out_dir: str, *, overwrite: bool = False, dtype=N
     with open(os.path.join(tmp, "hf_config.json"), "w") as f:
       json.dump(hf_config, f, indent=2)
     save_params(os.path.join(tmp, "params"), pure)
-    copy_tokenizer_files(hf_dir, os.path.join(tmp, "tokenizer"))
+    if tok_src:
+      copy_tokenizer_files(tok_src, os.path.join(tmp, "tokenizer"), generation_config_from=hf_dir)
   return out_dir
 
 
-def copy_tokenizer_files(src: str, dst: str):
+def copy_tokenizer_files(src: str, dst: str, *, generation_config_from: str | None = None,
+                         only_with_tokenizer: bool = True):
+  """Copies the tokenizer / processor files of `src` into `dst`.
+
+  Args:
+    src, dst: source and destination directories (`dst` is created when something is copied).
+    generation_config_from: the model directory whose generation_config.json wins over `src`'s
+      (it belongs to the model, not to the tokenizer).
+    only_with_tokenizer: write nothing when `src` has no tokenizer file: generation_config.json
+      or a processor config alone would make a tokenizer directory that does not load.
+  """
   names = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(src, n))]
-  if names:
-    os.makedirs(dst, exist_ok=True)
-    for n in names:
-      shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
+  if only_with_tokenizer and not set(names) & set(TOKENIZER_OWN_FILES):
+    return
+  os.makedirs(dst, exist_ok=True)
+  for n in names:
+    shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
+  gen = os.path.join(generation_config_from or src, "generation_config.json")
+  if os.path.exists(gen):
+    shutil.copy2(gen, os.path.join(dst, "generation_config.json"))
 
 
 def jax_to_hf_dir(ckpt_dir: str, out_dir: str, *, overwrite: bool = False, max_shard_bytes: int = 2 << 30,
@@ -271,7 +307,7 @@ def jax_to_hf_dir(ckpt_dir: str, out_dir: str, *, overwrite: bool = False, max_s
         total += arr.nbytes
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    copy_tokenizer_files(os.path.join(ckpt_dir, "tokenizer"), tmp)
+    copy_tokenizer_files(os.path.join(ckpt_dir, "tokenizer"), tmp, only_with_tokenizer=False)
   return out_dir
 
 
