@@ -177,3 +177,30 @@ def test_qwen_positions_flatten_to_mrope_layout():
   np.testing.assert_array_equal(out["positions"][:, 3], pos[1, 1])  # row 3 = pair 1, rejected
   np.testing.assert_array_equal(out["vision_row"], [0, 0, 1, 1])
   assert out["pixel_values"].shape == (2, 8, 6)
+
+
+def test_qwen_pixel_cache_repeats_the_processor_and_stays_bounded(monkeypatch, tmp_path):
+  """A second collation of the same records reuses the preprocessed images (same arrays, no new
+  processor call); a cache smaller than one record's images keeps nothing."""
+  from jaxdpo.data.vision import images as images_lib
+  from jaxdpo.data.vision import qwen as qwen_adapter
+  env = dict(family="qwen2_5_vl", tok_dir=str(tmp_path / "tok"))
+  VH.qwen_processor_files(env["tok_dir"])
+  prefs = VH.vision_records(str(tmp_path / "data"), n=6, seed=0)[2]
+  config = _config(env)
+  calls = []
+  real = images_lib.qwen_image_inputs
+  monkeypatch.setattr(images_lib, "qwen_image_inputs", lambda *a, **k: calls.append(1) or real(*a, **k))
+  for limit, expect_second in ((qwen_adapter.PIXEL_CACHE_BYTES, 0), (1, None)):
+    monkeypatch.setattr(qwen_adapter, "PIXEL_CACHE_BYTES", limit)
+    tok, vision = _vision(config)
+    examples = dpo_job.tokenize_preferences(prefs, tok, config, desc="t", vision=vision)
+    vision = vision.with_budget(examples)
+    with_images = sum(1 for e in examples if e.images)
+    calls.clear()
+    first = pipeline.collate_pairs(examples, max_length=64, pad_id=0, vision=vision)
+    assert len(calls) == with_images > 0
+    second = pipeline.collate_pairs(examples, max_length=64, pad_id=0, vision=vision)
+    assert len(calls) - with_images == (with_images if expect_second is None else expect_second)
+    for k in first:
+      np.testing.assert_array_equal(first[k], second[k])
