@@ -57,3 +57,34 @@ def test_cli_refuses_label_smoothing_with_hinge(tmp_path):
   r = run_main(tmp_path / "w", "--config.dpo.loss_type=hinge", "--config.dpo.label_smoothing=0.2")
   assert r.returncode == 2, r.stderr[-3000:]
   assert "config.dpo.label_smoothing=0.2" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"loss_type": "sigmoid,sigmod"}, r"config\.dpo\.loss_type='sigmoid,sigmod': expected one of .*'sigmod' is not one"),
+    ({"loss_type": "sigmoid,sft", "loss_weights": "1"}, r"config\.dpo\.loss_weights='1': must have the same length"),
+    ({"loss_type": "bco_pair", "f_divergence_type": "js_divergence"},
+     r"config\.dpo\.f_divergence_type='js_divergence' is only supported for the loss types .*bco_pair"),
+    ({"f_divergence_type": "kl"}, r"config\.dpo\.f_divergence_type='kl': expected one of 'reverse_kl'"),
+    ({"loss_type": "exo_pair"}, r"config\.dpo\.label_smoothing=0.0: label smoothing must be greater than 0.0"),
+    ({"ld_alpha": 1.5}, r"config\.dpo\.ld_alpha=1.5: must be in \[0, 1\]"),
+    ({"loss_type": "sigmoid,sft", "rpo_alpha": 0.5}, r"config\.dpo\.rpo_alpha=0.5 with 'sft'"),
+])
+def test_loss_family_settings_refused_naming_the_key(overrides, message):
+  from jaxdpo.jobs import validate
+  from tests._dpo_helpers import demo_config
+  with pytest.raises(errors.ConfigError, match=message):
+    dpo_losses.DPOLossConfig(**overrides)
+  config = demo_config(**{f"dpo.{k}": v for k, v in overrides.items()})
+  with pytest.raises(errors.ConfigError, match=message):  # and before any data is read or model built
+    validate.check(config)
+
+
+def test_batch_sorting_loss_refuses_grad_accum():
+  from jaxdpo.jobs import validate
+  from tests._dpo_helpers import demo_config
+  config = demo_config(**{"dpo.loss_type": "aot", "train.batch_size": 4, "train.grad_accum": 2})
+  with pytest.raises(errors.ConfigError, match=r"config\.train\.grad_accum=2 with config\.dpo\.loss_type='aot'"):
+    validate.check(config)
+  validate.check(demo_config(**{"dpo.loss_type": "aot", "train.batch_size": 4, "train.grad_accum": 1}))
+  validate.check(demo_config(**{"dpo.loss_type": "sigmoid,sft", "dpo.loss_weights": "1,0.5",
+                                "train.batch_size": 4, "train.grad_accum": 2}))

@@ -50,10 +50,19 @@ def base() -> ml_collections.ConfigDict:
   c.data.max_patches = 0            # Qwen2.5-VL: vision patches per record (pair); 0 = the most any record needs
 
   c.dpo = ml_collections.ConfigDict()
-  c.dpo.loss_type = "sigmoid"       # sigmoid | robust | hinge | ipo
-  c.dpo.beta = 0.1                  # strength of the KL penalty to the reference, as in TRL
-  c.dpo.label_smoothing = 0.0       # sigmoid / robust only (cDPO)
-  c.dpo.rpo_alpha = 0.0             # weight of the NLL term on chosen (RPO); 0 = off
+  c.dpo.loss_type = "sigmoid"       # TRL 1.16's loss types: sigmoid | hinge | ipo | exo_pair | nca_pair | robust |
+                                    # bco_pair | sppo_hard | aot | aot_unpaired | apo_zero | apo_down | discopop | sft |
+                                    # sigmoid_norm; several joined by commas combine ("sigmoid,sft")
+  c.dpo.loss_weights = ""           # one weight per loss type, e.g. "1,0.5": loss = sum of weight * mean(loss); "" = all 1
+  c.dpo.beta = 0.1                  # strength of the KL penalty to the reference, as in TRL (IPO's tau)
+  c.dpo.label_smoothing = 0.0       # robust / exo_pair (needs > 0) / aot / aot_unpaired epsilon; cDPO on sigmoid
+  c.dpo.ld_alpha = 1.0              # LD-DPO: weight of the tokens past the shorter completion's length, in [0, 1];
+                                    # 1 = off (TRL's None)
+  c.dpo.f_divergence_type = "reverse_kl"  # f-DPO: reverse_kl | forward_kl | js_divergence | alpha_divergence (others than
+                                    # reverse_kl: sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft only)
+  c.dpo.f_alpha_divergence_coef = 0.5  # alpha of f_divergence_type=alpha_divergence
+  c.dpo.discopop_tau = 0.05         # DiscoPOP's temperature (loss_type=discopop)
+  c.dpo.rpo_alpha = 0.0             # weight of the NLL term on chosen (RPO; = loss_type "sigmoid,sft"); 0 = off
   c.dpo.reference_free = False      # no reference model (its log-probs taken as 0)
   c.dpo.reference = "model"         # model: frozen copy of the initial policy; cached: precomputed once
 

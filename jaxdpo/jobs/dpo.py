@@ -31,7 +31,9 @@ log = logging.getLogger("jaxdpo")
 def loss_config(config) -> losses.DPOLossConfig:
   d = config.dpo
   return losses.DPOLossConfig(loss_type=d.loss_type, beta=d.beta, label_smoothing=d.label_smoothing,
-                              rpo_alpha=d.rpo_alpha, reference_free=d.reference_free)
+                              rpo_alpha=d.rpo_alpha, reference_free=d.reference_free, loss_weights=d.loss_weights,
+                              ld_alpha=d.ld_alpha, f_divergence_type=d.f_divergence_type,
+                              f_alpha_divergence_coef=d.f_alpha_divergence_coef, discopop_tau=d.discopop_tau)
 
 
 def step_config(config, family) -> step_lib.StepConfig:

@@ -12,7 +12,6 @@ from jaxdpo.errors import ConfigError
 JOBS = ("dpo", "sft", "eval", "mine", "demo")
 DTYPES = ("float32", "bfloat16")
 TRUNCATION = ("keep_end", "keep_start", "off")
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 REFERENCES = ("model", "cached")
 SCHEDULES = ("warmup_cosine", "constant", "warmup_linear")
 ATTENTION = ("", "xla", "cudnn")
@@ -88,16 +87,10 @@ def check(config) -> None:
 
 
 def _check_dpo(config):
-  d = config.dpo
-  _one_of(config, "dpo.loss_type", LOSS_TYPES)
+  from jaxdpo.jobs import dpo  # the loss settings are checked where they are built: one set of rules
+  from jaxdpo.objectives import loss_config
   _one_of(config, "dpo.reference", REFERENCES)
-  if d.beta <= 0:
-    raise ConfigError(f"config.dpo.beta={d.beta}: must be > 0")
-  if d.loss_type == "robust" and not 0.0 <= d.label_smoothing < 0.5:
-    raise ConfigError(f"config.dpo.label_smoothing={d.label_smoothing}: must be in [0, 0.5) for the robust loss")
-  if not 0.0 <= d.label_smoothing <= 0.5:
-    raise ConfigError(f"config.dpo.label_smoothing={d.label_smoothing}: must be in [0, 0.5]")
-  _at_least(config, "dpo.rpo_alpha", 0.0)
+  loss_config.check_grad_accum(dpo.loss_config(config), config.train.grad_accum)
 
 
 def _check_optim(config):

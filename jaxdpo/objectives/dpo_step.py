@@ -48,9 +48,16 @@ class StepConfig:
   logit_softcap: float | None = None  # None: use the model's own `logit_softcap`
   model_inputs: Callable[[dict, int], dict] = batching.text_inputs
 
+  def __post_init__(self):
+    losses.check_grad_accum(self.loss, self.grad_accum)
+
 
 def pair_logps(graphdef, params, batch, cfg: StepConfig):
-  """Summed completion log-probs [B, 2], per-token log-probs [B, 2, T-1], token counts [B, 2]."""
+  """Summed completion log-probs [B, 2], per-token log-probs [B, 2, T-1], token counts [B, 2].
+
+  With `cfg.loss.ld_alpha` < 1 the sums are LD-DPO's (`dpo_losses.length_desensitized`), for the
+  policy and the (live or cached) reference alike, as TRL computes both.
+  """
   params = jax.tree.map(lambda p: p.astype(cfg.compute_dtype), params)
   model = nnx.merge(graphdef, params)
   flat = cfg.model_inputs(batch, 2)  # rows c0, r0, c1, r1, ...
@@ -59,7 +66,10 @@ def pair_logps(graphdef, params, batch, cfg: StepConfig):
                                                    chunk_size=cfg.logprob_chunk, logit_softcap=softcap(cfg, model),
                                                    unroll=cfg.logprob_unroll)
   b = batch["input_ids"].shape[0]
-  return seq.reshape(b, 2), per_tok.reshape(b, 2, -1), counts.reshape(b, 2)
+  seq, per_tok, counts = seq.reshape(b, 2), per_tok.reshape(b, 2, -1), counts.reshape(b, 2)
+  if cfg.loss.ld_alpha != 1.0:
+    seq = losses.length_desensitized(per_tok, batch["loss_mask"][..., 1:], cfg.loss.ld_alpha)
+  return seq, per_tok, counts
 
 
 def softcap(cfg, model):
@@ -100,9 +110,9 @@ def loss_terms(params, ref_params, batch, graphdef, cfg: StepConfig, n_pairs, n_
   pl, ratio_c, ratio_r = losses.pair_losses(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],
                                             cfg.loss)
   loss = pl.sum() / n_pairs
-  if cfg.loss.rpo_alpha:
-    # TRL's "sft" term: mean NLL over every chosen completion token of the batch.
-    loss = loss + cfg.loss.rpo_alpha * (-per_tok[:, 0].sum()) / jnp.maximum(n_chosen_tokens, 1.0)
+  if cfg.loss.sft_weight:
+    # TRL's "sft" term (and jaxdpo's rpo_alpha): mean NLL over every chosen completion token of the batch.
+    loss = loss + cfg.loss.sft_weight * (-per_tok[:, 0].sum()) / jnp.maximum(n_chosen_tokens, 1.0)
   sums = losses.metric_sums(pl, ratio_c, ratio_r, seq[:, 0], seq[:, 1], cfg.loss.beta)
   return loss, sums
 
