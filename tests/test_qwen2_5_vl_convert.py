@@ -213,7 +213,8 @@ def test_failure_while_writing_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
     os.makedirs(path)
     open(os.path.join(path, "partial"), "w").close()
     raise OSError("disk full")
-  monkeypatch.setattr(io, "save_params", boom)
+  from jaxdpo.models import param_store
+  monkeypatch.setattr(param_store, "save_tree", boom)  # each converted part is written through it
   with pytest.raises(OSError, match="disk full"):
     io.hf_to_jax_dir(dirs[True], str(tmp_path / "out"))
   assert _siblings(tmp_path / "out") == []

@@ -147,33 +147,129 @@ def list_shards(hf_dir: str) -> list[str]:
   raise ConversionError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-def iter_hf_tensors(hf_dir: str) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (key, numpy array) one shard at a time, so peak memory is about one shard."""
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
+  """Writes a safetensors file tensor by tensor, from the arrays' own buffers.
+
+  `safetensors.numpy.save_file` first copies every tensor into a bytes object, which doubles the
+  host memory of a shard; this writes the same format (8-byte little-endian header length, JSON
+  header padded to 8 bytes, then the tensors' bytes back to back in header order) without a copy.
+  """
+  header, offset = {}, 0
+  for key, arr in tensors.items():
+    name = SAFETENSORS_DTYPES.get(arr.dtype.name)
+    if name is None:
+      raise ConversionError(f"{path}: tensor {key} has dtype {arr.dtype}, which safetensors cannot store")
+    header[key] = {"dtype": name, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+    offset += arr.nbytes
+  if metadata:
+    header["__metadata__"] = metadata
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+  with open(path, "wb") as f:
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    for arr in tensors.values():
+      arr = np.ascontiguousarray(arr)
+      if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+      f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+
+
+def iter_shard_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (key, numpy array) of one safetensors file, reading each tensor when it is asked for."""
   from safetensors import safe_open  # local import: only conversion needs it
 
+  try:
+    with safe_open(path, framework="numpy") as f:
+      for key in f.keys():
+        yield key, f.get_tensor(key)
+  except ConversionError:
+    raise
+  except Exception as e:  # safetensors raises several types for truncated/corrupt files
+    raise ConversionError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from e
+
+
+def iter_hf_tensors(hf_dir: str) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (key, numpy array) one shard at a time, so peak memory is about one shard."""
   for path in list_shards(hf_dir):
-    try:
-      with safe_open(path, framework="numpy") as f:
-        for key in f.keys():
-          yield key, f.get_tensor(key)
-    except ConversionError:
-      raise
-    except Exception as e:  # safetensors raises several types for truncated/corrupt files
-      raise ConversionError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from e
+    yield from iter_shard_tensors(path)
 
 
-def hf_to_jax(tensors: Iterator[tuple[str, np.ndarray]], rules: list[Rule], expected: dict[str, tuple],
-              normalize_key: Callable[[str], str | None], *, dtype=None,
-              place: Callable[[str, np.ndarray], object] | None = None) -> dict[str, object]:
-  """Maps HF tensors onto jaxdpo parameter paths.
+class Converter:
+  """Maps HF tensors onto jaxdpo parameter paths one at a time; `finish` reports every problem.
 
   Args:
-    tensors: (hf_key, array) stream.
     rules: the family's table.
     expected: jax path -> shape of every parameter of the target model.
     normalize_key: maps an HF key to its canonical form, or None to ignore it explicitly
       (e.g. rotary caches or a tied lm_head duplicate).
     dtype: optional numpy dtype to cast to; default keeps the checkpoint dtype.
+  """
+
+  def __init__(self, rules: list[Rule], expected: dict[str, tuple], normalize_key: Callable[[str], str | None], *,
+               dtype=None):
+    self.rules, self.expected, self.normalize_key, self.dtype = rules, expected, normalize_key, dtype
+    self.done: set[str] = set()
+    self.unconsumed: list[str] = []
+    self.misshaped: list[str] = []
+
+  def convert(self, key: str, value: np.ndarray) -> tuple[str, np.ndarray] | None:
+    """(jax path, array) for one HF tensor, or None (ignored, or a problem kept for `finish`)."""
+    canon = self.normalize_key(key)
+    if canon is None:
+      return None
+    for rule in self.rules:
+      m = rule.match(canon)
+      if m is None:
+        continue
+      path = rule.jax.format(*m.groups())
+      expected = self.expected.get(path)
+      if expected is None:
+        self.unconsumed.append(f"{key} (-> {path}, which the model does not have)")
+        return None
+      try:
+        arr = rule.to_jax(value)
+      except ValueError as e:
+        self.misshaped.append(f"{key}: {value.shape} cannot map to {path} {expected} ({e})")
+        return None
+      if tuple(arr.shape) != tuple(expected):
+        self.misshaped.append(f"{key}: shape {tuple(value.shape)} -> {tuple(arr.shape)}, model expects "
+                              f"{tuple(expected)} at {path}")
+        return None
+      if self.dtype is not None:
+        arr = arr.astype(self.dtype)
+      self.done.add(path)
+      return path, arr
+    self.unconsumed.append(key)
+    return None
+
+  def finish(self):
+    """Raises ConversionError listing every unconsumed, missing and mis-shaped key."""
+    missing = sorted(set(self.expected) - self.done)
+    if self.unconsumed or missing or self.misshaped:
+      lines = []
+      for title, items in (("unconsumed HF keys", self.unconsumed), ("missing model parameters", missing),
+                           ("shape mismatches", self.misshaped)):
+        if items:
+          lines.append(f"{title} ({len(items)}):")
+          lines.extend(f"  {x}" for x in items[:50])
+          if len(items) > 50:
+            lines.append(f"  ... and {len(items) - 50} more")
+      raise ConversionError("checkpoint does not match the model:\n" + "\n".join(lines))
+
+
+def hf_to_jax(tensors: Iterator[tuple[str, np.ndarray]], rules: list[Rule], expected: dict[str, tuple],
+              normalize_key: Callable[[str], str | None], *, dtype=None,
+              place: Callable[[str, np.ndarray], object] | None = None) -> dict[str, object]:
+  """Maps a stream of HF tensors onto jaxdpo parameter paths (see `Converter`).
+
+  Args:
+    tensors: (hf_key, array) stream.
+    rules, expected, normalize_key, dtype: as for `Converter`.
     place: optional callback (path, array) -> device array, e.g. `jax.device_put` into a
       target sharding, called as each tensor arrives.
 
@@ -183,47 +279,23 @@ def hf_to_jax(tensors: Iterator[tuple[str, np.ndarray]], rules: list[Rule], expe
   Raises:
     ConversionError: listing every unconsumed, missing and mis-shaped key.
   """
+  conv = Converter(rules, expected, normalize_key, dtype=dtype)
   out: dict[str, object] = {}
-  unconsumed, misshaped = [], []
   for key, value in tensors:
-    canon = normalize_key(key)
-    if canon is None:
-      continue
-    for rule in rules:
-      m = rule.match(canon)
-      if m is None:
-        continue
-      path = rule.jax.format(*m.groups())
-      if path not in expected:
-        unconsumed.append(f"{key} (-> {path}, which the model does not have)")
-        break
-      try:
-        arr = rule.to_jax(value)
-      except ValueError as e:
-        misshaped.append(f"{key}: {value.shape} cannot map to {path} {expected[path]} ({e})")
-        break
-      if tuple(arr.shape) != tuple(expected[path]):
-        misshaped.append(f"{key}: shape {tuple(value.shape)} -> {tuple(arr.shape)}, model expects "
-                         f"{tuple(expected[path])} at {path}")
-        break
-      if dtype is not None:
-        arr = arr.astype(dtype)
-      out[path] = place(path, arr) if place is not None else arr
-      break
-    else:
-      unconsumed.append(key)
-  missing = sorted(set(expected) - set(out))
-  if unconsumed or missing or misshaped:
-    lines = []
-    for title, items in (("unconsumed HF keys", unconsumed), ("missing model parameters", missing),
-                         ("shape mismatches", misshaped)):
-      if items:
-        lines.append(f"{title} ({len(items)}):")
-        lines.extend(f"  {x}" for x in items[:50])
-        if len(items) > 50:
-          lines.append(f"  ... and {len(items) - 50} more")
-    raise ConversionError("checkpoint does not match the model:\n" + "\n".join(lines))
+    got = conv.convert(key, value)
+    if got is not None:
+      out[got[0]] = place(*got) if place is not None else got[1]
+  conv.finish()
   return out
+
+
+def hf_key_of(path: str, rules: list[Rule], denormalize_key: Callable[[str], str] = lambda k: k) -> str:
+  """The HF key a jax parameter path is written under (no tensor needed)."""
+  for rule in rules:
+    m = re.fullmatch(rule.jax_regex(), path)
+    if m is not None:
+      return denormalize_key(rule.hf_key(m.groups()))
+  raise ConversionError(f"no rule maps jax parameter {path} back to an HF key")
 
 
 def jax_to_hf(flat_params: dict[str, np.ndarray], rules: list[Rule],

@@ -4,7 +4,8 @@ Layout of a converted checkpoint directory:
 
   jaxdpo_model.json   {"family": ..., "config": {...}}  the jaxdpo config of the model
   hf_config.json      the source config.json, written back verbatim by jax-to-hf
-  params/             orbax checkpoint of the parameter tree (plain nested dict)
+  params/             the parameter tree (plain nested dict) in orbax: one checkpoint, or parts
+                      written a group of tensors at a time (`jaxdpo.models.param_store`)
   tokenizer/          tokenizer / processor files copied from the HF directory, if any
 
 Every directory is written under a temporary name and renamed into place, so a crash never
@@ -28,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdpo.errors import CheckpointNotFoundError, ConversionError, OutputExistsError
-from jaxdpo.models import convert_table, registry
+from jaxdpo.models import convert_table, param_store, registry
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.json",
@@ -127,10 +128,7 @@ def atomic_dir(final: str, overwrite: bool = False):
 
 def save_params(path: str, params_pure: dict):
   """Writes a plain parameter tree with orbax (path must not exist)."""
-  import orbax.checkpoint as ocp
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(path), params_pure)
-    ckptr.wait_until_finished()
+  param_store.save_tree(path, params_pure)
 
 
 def read_model_meta(ckpt_dir: str) -> tuple[registry.Family, Any]:
@@ -157,15 +155,13 @@ def load_params(ckpt_dir: str, abstract_params: nnx.State, shardings=None, dtype
   Returns:
     nnx.State with concrete arrays.
   """
-  import orbax.checkpoint as ocp
   pure = nnx.to_pure_dict(abstract_params)
   if shardings is None:
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), pure)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), pure, shardings)
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(os.path.abspath(os.path.join(ckpt_dir, "params")), target)
+  flat = param_store.restore(os.path.join(ckpt_dir, "params"), flatten(target), param_store.keys_of(pure))
   state = jax.tree.map(lambda x: x, abstract_params)
-  nnx.replace_by_pure_dict(state, restored)
+  nnx.replace_by_pure_dict(state, unflatten_like(flat, pure))
   return state
 
 
@@ -216,8 +212,12 @@ def load_hf_model(hf_dir: str, *, param_dtype=jnp.float32, attention_impl=None, 
 
 
 def hf_to_jax_dir(hf_dir: str, out_dir: str, *, overwrite: bool = False, dtype=None, tokenizer: str | bool = True,
-                  check_tokenizer: Callable[[registry.Family, Any, str], None] | None = None) -> str:
+                  check_tokenizer: Callable[[registry.Family, Any, str], None] | None = None,
+                  max_part_bytes: int = 1 << 30) -> str:
   """Converts an HF checkpoint directory into a jaxdpo checkpoint directory, atomically.
+
+  Streams: each safetensors shard is read, converted and written as its own orbax part (split
+  further at `max_part_bytes`) before the next is read, so peak host memory is about one shard.
 
   Args:
     hf_dir: the HF model directory (config.json, safetensors).
@@ -231,25 +231,49 @@ def hf_to_jax_dir(hf_dir: str, out_dir: str, *, overwrite: bool = False, dtype=N
     check_tokenizer: optional `(family, config, tokenizer source) -> None` that raises to refuse
       the source; run after the config audit and before any weight is read or anything written
       (the CLI passes the jobs' own loading check, which lives in `jaxdpo.data`).
+    max_part_bytes: the most converted bytes held (and written as one orbax part) at a time.
   """
   hf_config, family, cfg = read_hf_config(hf_dir)
   tok_src = hf_dir if tokenizer is True else (tokenizer or None)
   if tok_src and check_tokenizer is not None:
     check_tokenizer(family, cfg, tok_src)
   _, abstract = build_abstract(family, cfg)
-  expected = {k: tuple(v.shape) for k, v in flatten(nnx.to_pure_dict(abstract)).items()}
-  flat = convert_table.hf_to_jax(convert_table.iter_hf_tensors(hf_dir), family.rules(cfg), expected,
-                                 family.normalize_key(cfg), dtype=dtype)
-  pure = unflatten_like(flat, nnx.to_pure_dict(abstract))
+  pure = nnx.to_pure_dict(abstract)
+  expected = {k: tuple(v.shape) for k, v in flatten(pure).items()}
+  conv = convert_table.Converter(family.rules(cfg), expected, family.normalize_key(cfg), dtype=dtype)
   with atomic_dir(out_dir, overwrite=overwrite) as tmp:
     with open(os.path.join(tmp, "jaxdpo_model.json"), "w") as f:
       json.dump({"family": family.name, "config": config_to_dict(cfg)}, f, indent=2)
     with open(os.path.join(tmp, "hf_config.json"), "w") as f:
       json.dump(hf_config, f, indent=2)
-    save_params(os.path.join(tmp, "params"), pure)
+    param_store.save_parts(os.path.join(tmp, "params"), _converted_groups(hf_dir, conv, max_part_bytes),
+                           param_store.keys_of(pure))
     if tok_src:
       copy_tokenizer_files(tok_src, os.path.join(tmp, "tokenizer"), generation_config_from=hf_dir)
   return out_dir
+
+
+def _converted_groups(hf_dir: str, conv: convert_table.Converter, max_part_bytes: int):
+  """Converted tensors, one group per source shard (split at `max_part_bytes`); a group is read only
+  when the writer asks for it. Raises the converter's error after the last group (the caller's
+  `atomic_dir` then removes everything written)."""
+  for shard in convert_table.list_shards(hf_dir):
+    group, size = {}, 0
+    for key, value in convert_table.iter_shard_tensors(shard):
+      got = conv.convert(key, value)
+      del value
+      if got is None:
+        continue
+      if group and size + got[1].nbytes > max_part_bytes:
+        yield group
+        group, size = {}, 0
+      group[got[0]] = got[1]
+      size += got[1].nbytes
+      del got
+    if group:
+      yield group
+    del group
+  conv.finish()
 
 
 def copy_tokenizer_files(src: str, dst: str, *, generation_config_from: str | None = None,
@@ -276,39 +300,68 @@ def copy_tokenizer_files(src: str, dst: str, *, generation_config_from: str | No
 
 def jax_to_hf_dir(ckpt_dir: str, out_dir: str, *, overwrite: bool = False, max_shard_bytes: int = 2 << 30,
                   params: nnx.State | None = None) -> str:
-  """Writes an HF directory (config.json, sharded safetensors + index, tokenizer files)."""
-  from safetensors.numpy import save_file
+  """Writes an HF directory (config.json, sharded safetensors + index, tokenizer files).
+
+  Streams: the shards are planned from the parameters' shapes, then each is filled by restoring
+  (or, for in-memory `params`, `device_get`-ing) only its own tensors, written and dropped, so peak
+  host memory is about one shard. Parameters restored from disk are written as float32.
+  """
   family, cfg = read_model_meta(ckpt_dir)
+  rules = family.rules(cfg)
   if params is None:
-    _, _, _, params = load_model(ckpt_dir)
-  flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(nnx.to_pure_dict(params)).items()}
-  tensors = convert_table.jax_to_hf(flat, family.rules(cfg), family.denormalize_key)
+    _, abstract = build_abstract(family, cfg)
+    pure = nnx.to_pure_dict(abstract)
+    keys = param_store.keys_of(pure)
+    specs = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32) for k, v in flatten(pure).items()}
+    fetch = lambda names: param_store.restore(os.path.join(ckpt_dir, "params"), {k: specs[k] for k in names}, keys)
+  else:
+    live = flatten(nnx.to_pure_dict(params))
+    specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in live.items()}
+    fetch = lambda names: {k: np.asarray(jax.device_get(live[k])) for k in names}
+  hf_key = {path: convert_table.hf_key_of(path, rules, family.denormalize_key) for path in specs}
+  nbytes = {k: int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for k, v in specs.items()}
+  # In layer order (not string order: "layers.10" < "layers.2"), so that a shard's tensors come from
+  # one or two of the parts `hf-to-jax` wrote.
+  shards = _byte_groups(sorted(specs, key=lambda p: param_store.natural_key(hf_key[p])), nbytes, max_shard_bytes)
   hf_config_path = os.path.join(ckpt_dir, "hf_config.json")
   with open(hf_config_path) as f:
     hf_config = json.load(f)
   with atomic_dir(out_dir, overwrite=overwrite) as tmp:
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=2)
-    shards, current, size = [], {}, 0
-    for key in sorted(tensors):
-      nbytes = tensors[key].nbytes
-      if current and size + nbytes > max_shard_bytes:
-        shards.append(current)
-        current, size = {}, 0
-      current[key] = tensors[key]
-      size += nbytes
-    shards.append(current)
     weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
+    for i, paths in enumerate(shards):
       name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-      for key, arr in shard.items():
+      tensors = {}
+      for group in _byte_groups(paths, nbytes, max_shard_bytes // 4):  # restores of a quarter shard at most
+        fetched = fetch(group)
+        for path in group:  # each source tensor is dropped as soon as it is converted
+          tensors.update(convert_table.jax_to_hf({path: fetched.pop(path)}, rules, family.denormalize_key))
+        del fetched
+        param_store.release_host_memory()
+      convert_table.write_safetensors(os.path.join(tmp, name), tensors, metadata={"format": "pt"})
+      for key in tensors:
         weight_map[key] = name
-        total += arr.nbytes
+        total += tensors[key].nbytes
+      del tensors
+      param_store.release_host_memory()
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     copy_tokenizer_files(os.path.join(ckpt_dir, "tokenizer"), tmp, only_with_tokenizer=False)
   return out_dir
+
+
+def _byte_groups(names: list[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:
+  """`names` cut, in order, into runs of at most `limit` bytes (a larger tensor is a run of its own)."""
+  groups, current, size = [], [], 0
+  for name in names:
+    if current and size + nbytes[name] > limit:
+      groups.append(current)
+      current, size = [], 0
+    current.append(name)
+    size += nbytes[name]
+  groups.append(current)
+  return groups
 
 
 def export_model_dir(out_dir: str, family: registry.Family, cfg, params_pure: dict, *, hf_config: dict | None = None,
