@@ -101,7 +101,8 @@ def test_peak_rss_is_bounded_by_one_shard_both_directions(checkpoints):
     rss["hf-to-jax", name] = peak_rss("-m", "jaxdpo.convert", "hf-to-jax", "--hf-dir", hf,
                                       "--out", str(root / f"ck{name}"), "--no-tokenizer")
     rss["jax-to-hf", name] = peak_rss("-m", "jaxdpo.convert", "jax-to-hf", "--ckpt", str(root / f"ck{name}"),
-                                      "--out", str(root / f"back{name}"), "--max-shard-gb", str(1.1 * shard / (1 << 30)))
+                                      "--out", str(root / f"back{name}"),
+                                      "--max-shard-gb", str(1.1 * shard / (1 << 30)))
   for direction in ("hf-to-jax", "jax-to-hf"):
     grew = rss[direction, "4"] - rss[direction, "1"]
     print(f"{direction}: peak RSS four shards {rss[direction, '4'] / 1e6:.0f} MB, one shard "
