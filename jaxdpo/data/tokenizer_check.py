@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 
 from jaxdpo.data import tokenize
-from jaxdpo.errors import TokenizerSourceError
 from jaxdpo.data.vision import adapters
+from jaxdpo.errors import TokenizerSourceError
 from jaxdpo.models import registry
 from jaxdpo.models.io import TOKENIZER_OWN_FILES as TOKENIZER_FILES
 
