@@ -28,6 +28,7 @@ JOBS = {
     "sft": "supervised fine-tuning on {prompt, completion} records (data.train)",
     "eval": "greedy or sampled generations on data.prompts + a degeneration summary",
     "mine": "preference pairs from the model's own degenerate samples on data.prompts",
+    "ref_logps": "the reference log-probs of data.train (+ data.eval) written to disk, for dpo.reference=cache:PATH",
     "demo": "the study on rendered pages: SFT, eval, mine, DPO, control, eval, report (demo_degeneration.py)",
 }
 

@@ -14,7 +14,7 @@ from jaxdpo import assets
 def base() -> ml_collections.ConfigDict:
   """Defaults for every job (dpo, sft, eval, mine)."""
   c = ml_collections.ConfigDict()
-  c.job = "dpo"                     # dpo | sft | eval | mine
+  c.job = "dpo"                     # dpo | sft | eval | mine | demo | ref_logps
   c.seed = 0                        # model init, data order and sampling
 
   c.model = ml_collections.ConfigDict()
@@ -65,6 +65,7 @@ def base() -> ml_collections.ConfigDict:
   c.dpo.rpo_alpha = 0.0             # weight of the NLL term on chosen (RPO; = loss_type "sigmoid,sft"); 0 = off
   c.dpo.reference_free = False      # no reference model (its log-probs taken as 0)
   c.dpo.reference = "model"         # model: frozen copy of the initial policy; cached: precomputed once
+                                    # (in memory); cache:PATH: read from PATH, written by job=ref_logps
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-6                 # peak learning rate (AdamW)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from jaxdpo.parallel import distributed
 from jaxdpo.parallel import memory
 from jaxdpo.models import trainable as trainable_lib
-from jaxdpo.jobs import common, model_setup
+from jaxdpo.jobs import common, model_setup, ref_cache
 from jaxdpo.jobs import validate
 from jaxdpo.train import optim
 from jaxdpo.train import loop as train
@@ -107,16 +107,36 @@ def precompute_reference(bundle, examples, scfg, mesh, batch_size: int, collate,
   return [dataclasses.replace(e, ref_logps=r) for e, r in zip(examples, out)]
 
 
-def run(config, workdir: str) -> dict:
-  """Runs the DPO job; returns the last logged metrics."""
+@dataclasses.dataclass
+class Prepared:
+  """What the DPO and ref_logps jobs set up alike: mesh, tokenized pairs, vision adapter, model, step."""
+
+  mesh: object
+  rules: tuple
+  tok: object
+  vision: object  # the adapter with the run's image budget (None for text models)
+  degen_vision: object  # the adapter before the budget (degeneration evals)
+  skips: skipping.SkipLog
+  train_examples: list
+  eval_examples: list
+  plan: object
+  bundle: model_setup.ModelBundle
+  scfg: step_lib.StepConfig
+  collate: object
+
+
+def prepare(config, workdir: str, *, check_cache: bool = True) -> Prepared:
+  """Mesh, data (tokenized, checked), memory plan, model and step settings, in that order.
+
+  With `dpo.reference=cache:PATH` the cached reference log-probs are attached to the pairs right
+  after tokenizing (`check_cache`), so a stale cache stops the job before any model is built.
+  """
   rules = model_setup.parse_rules(config.sharding_rules)
   mesh = shd.make_mesh(config.mesh)
   shd.check_batch(config.train.batch_size, mesh, rules)
   if config.train.batch_size % config.train.grad_accum:
     raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by "
                      f"config.train.grad_accum={config.train.grad_accum}")
-  if config.dpo.reference not in ("model", "cached"):
-    raise ConfigError(f"config.dpo.reference={config.dpo.reference!r}; expected 'model' or 'cached'")
   tok = tokenize.load_tokenizer(config.data.tokenizer)
   vision = common.vision_adapter(config, tok)
   skips = skipping.SkipLog(enabled=config.data.skip_bad_records)
@@ -124,6 +144,12 @@ def run(config, workdir: str) -> dict:
   validate.check_dataset_size(len(train_examples), config.train.batch_size, config.data.train, "pairs")
   eval_examples = (tokenize_checked(config.data.eval, tok, config, workdir, skips, desc="eval", vision=vision)
                    if config.data.eval else [])
+  path = ref_cache.cache_path(config.dpo.reference)
+  if path and check_cache and not config.dpo.reference_free:
+    ckpt, settings = ref_cache.checkpoint_id(config.model, config.seed), ref_cache.settings_of(config,
+                                                                                                loss_config(config))
+    train_examples = ref_cache.attach(path, train_examples, ckpt, settings, config.dpo.reference)
+    eval_examples = ref_cache.attach(path, eval_examples, ckpt, settings, config.dpo.reference)
   degen_vision = vision
   if vision is not None:  # one static image budget for train and eval batches (one compile each)
     vision = vision.with_budget(train_examples, eval_examples)
@@ -136,12 +162,23 @@ def run(config, workdir: str) -> dict:
   scfg = step_config(config, bundle.family)
   pad_id = tokenize.pad_token_id(tok)
   collate = lambda b: pipeline.collate_pairs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision)
+  return Prepared(mesh, rules, tok, vision, degen_vision, skips, train_examples, eval_examples, plan, bundle, scfg,
+                  collate)
+
+
+def run(config, workdir: str) -> dict:
+  """Runs the DPO job; returns the last logged metrics."""
+  if config.dpo.reference not in ("model", "cached") and not ref_cache.cache_path(config.dpo.reference):
+    raise ConfigError(f"config.dpo.reference={config.dpo.reference!r}; expected 'model', 'cached' or cache:PATH")
+  p = prepare(config, workdir)
+  mesh, bundle, scfg, collate = p.mesh, p.bundle, p.scfg, p.collate
+  train_examples, eval_examples = p.train_examples, p.eval_examples
   # Every host walks the same global order and collates the rows its devices hold, so the global
   # batch does not depend on the number of processes (see pipeline.make_iterator).
   rows = distributed.host_rows(mesh, config.train.batch_size)
 
   ref_params = None
-  if not config.dpo.reference_free:
+  if not config.dpo.reference_free and not ref_cache.cache_path(config.dpo.reference):
     if config.dpo.reference == "cached":
       train_examples = precompute_reference(bundle, train_examples, scfg, mesh, config.train.batch_size, collate,
                                             "train")
@@ -161,7 +198,7 @@ def run(config, workdir: str) -> dict:
   step_fn = update.make_train_step(step_lib.objective(bundle.graphdef, scfg), tx, mesh, state_sh, ref_sh, schedule,
                                    grad_accum=scfg.grad_accum, debug_nonfinite_step=config.train.debug_nonfinite_step,
                                    trainable_mask=mask)
-  memory.compiled_check(plan, step_fn, state, ref_params, collate(train_examples[:1]), config.train.batch_size, mesh,
+  memory.compiled_check(p.plan, step_fn, state, ref_params, collate(train_examples[:1]), config.train.batch_size, mesh,
                         config.train.device_memory_gb)  # compiles the step once; the loop reuses it
 
   iterator = pipeline.make_iterator(train_examples, batch_size=config.train.batch_size, collate=collate,
@@ -174,6 +211,6 @@ def run(config, workdir: str) -> dict:
     eval_fn = common.held_out_eval_fn(config, eval_step, eval_examples, collate, mesh, rows, ref_params)
 
   spec = train.LoopSpec(step_fn=step_fn, state=state, ref=ref_params, iterator=iterator, eval_fn=eval_fn, desc="dpo",
-                        degeneration_fn=common.degeneration_eval_fn(config, tok, bundle, degen_vision),
-                        constants={"data/skipped_records": float(len(skips.entries))} if skips.enabled else {})
+                        degeneration_fn=common.degeneration_eval_fn(config, p.tok, bundle, p.degen_vision),
+                        constants={"data/skipped_records": float(len(p.skips.entries))} if p.skips.enabled else {})
   return common.train_and_finish(config, workdir, mesh, spec, bundle)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from jaxdpo.errors import ConfigError
 
-JOBS = ("dpo", "sft", "eval", "mine", "demo")
+JOBS = ("dpo", "sft", "eval", "mine", "demo", "ref_logps")
 DTYPES = ("float32", "bfloat16")
 TRUNCATION = ("keep_end", "keep_start", "off")
 REFERENCES = ("model", "cached")
@@ -75,11 +75,11 @@ def check(config) -> None:
   if config.data.max_prompt_length >= config.data.max_length:
     raise ConfigError(f"config.data.max_prompt_length={config.data.max_prompt_length}: must be below "
                       f"config.data.max_length={config.data.max_length} (0 = half of it)")
-  if config.job in ("dpo", "sft") and not config.data.train:
+  if config.job in ("dpo", "sft", "ref_logps") and not config.data.train:
     raise ConfigError(f"config.data.train is empty: the {config.job} job needs training records")
   if config.job in ("eval", "mine") and not config.data.prompts:
     raise ConfigError(f"config.data.prompts is empty: the {config.job} job needs prompt records")
-  if config.job == "dpo":  # the other jobs never read dpo.*; a stray value there must not stop them
+  if config.job in ("dpo", "ref_logps"):  # the other jobs never read dpo.*; a stray value there must not stop them
     _check_dpo(config)
   _check_optim(config)
   _check_train(config)
@@ -89,7 +89,10 @@ def check(config) -> None:
 def _check_dpo(config):
   from jaxdpo.jobs import dpo  # the loss settings are checked where they are built: one set of rules
   from jaxdpo.objectives import loss_config
-  _one_of(config, "dpo.reference", REFERENCES)
+  if not config.dpo.reference.startswith("cache:"):
+    _one_of(config, "dpo.reference", REFERENCES + ("cache:PATH",))
+  elif config.dpo.reference == "cache:":
+    raise ConfigError("config.dpo.reference='cache:': expected cache:PATH (a file written by job=ref_logps)")
   loss_config.check_grad_accum(dpo.loss_config(config), config.train.grad_accum)
 
 
