@@ -91,3 +91,19 @@ def test_image_bytes_are_part_of_the_key(tmp_path):
   assert ref_cache.record_key(pair) == ref_cache.record_key(same)  # where it came from does not matter
   assert ref_cache.record_key(pair) != ref_cache.record_key(TokenizedPair("x:1", [1, 2], [3], [4], images=(b,)))
   assert ref_cache.record_key(pair) != ref_cache.record_key(TokenizedPair("x:1", [1, 2], [3], [5], images=(a,)))
+
+
+def test_ref_logps_job_on_a_mesh_matches_one_device(checkpoints, tmp_path):
+  """The precompute runs sharded over the mesh (8 fake devices, one pair each) and writes the
+  values one device computes."""
+  _, ck1, _ = checkpoints
+  train = assets.path("tiny_vl/pairs.jsonl")
+  one, eight = str(tmp_path / "one.json"), str(tmp_path / "eight.json")
+  jmain.run(_config(ck1, train, f"cache:{one}", job="ref_logps"), str(tmp_path / "w1"))
+  jmain.run(_config(ck1, train, f"cache:{eight}", job="ref_logps", **{"mesh.data": 8, "train.batch_size": 8}),
+            str(tmp_path / "w8"))
+  rows = [json.load(open(p))["records"] for p in (one, eight)]
+  assert [r["key"] for r in rows[0]] == [r["key"] for r in rows[1]] and len(rows[0]) == 8
+  for a, b in zip(*rows):
+    scale = max(abs(v) for v in a["logps"])
+    assert max(abs(x - y) for x, y in zip(a["logps"], b["logps"])) <= 1e-5 * scale, (a, b)
