@@ -75,7 +75,8 @@ def config_keys() -> list[tuple[str, object, str]]:
 def render() -> str:
   """The full help text."""
   lines = [USAGE, "", "jobs (config.job):"]
-  lines += [f"  {name:6s} {what}" for name, what in JOBS.items()]
+  width = max(map(len, JOBS))
+  lines += [f"  {name:{width}s} {what}" for name, what in JOBS.items()]
   lines += ["", "shipped configs (--config NAME.py, or configs/NAME.py from the repository root):"]
   width = max(len(n) for n in config_paths.shipped())
   lines += [f"  {name:{width}s}  {doc}" for name, doc in config_paths.shipped().items()]
