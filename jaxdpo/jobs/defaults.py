@@ -27,6 +27,14 @@ def base() -> ml_collections.ConfigDict:
   c.model.trainable = "all"         # all | language (vision tower + projector frozen) | a regex over
                                     # parameter paths (matching ones train), e.g. "language_model/layers/(2[4-9]|3)"
 
+  c.lora = ml_collections.ConfigDict()  # LoRA (dpo, sft): adapters train, the base is frozen; in DPO the reference
+                                    # is the base (adapters off), so no reference copy is held
+  c.lora.rank = 0                   # adapter rank r; 0 = LoRA off (full fine-tuning, or model.trainable)
+  c.lora.alpha = 16.0               # adapter output scale alpha / rank (PEFT's lora_alpha)
+  c.lora.dropout = 0.0              # adapter input dropout; only 0 is implemented (other values are refused)
+  c.lora.targets = ""               # regex over linear-module paths ("language_model/layers/3/self_attn/q");
+                                    # "" = q, k, v, o, gate, up, down of every language-model layer
+
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # axis sizes; one may be -1 (the rest)
   c.sharding_rules = ""             # "" = jaxdpo.parallel.sharding.DEFAULT_RULES; else "name=axis1+axis2,name2=,..."
 

@@ -63,6 +63,7 @@ def check(config) -> None:
     if config.model.preset not in presets:
       raise ConfigError(f"config.model.preset={config.model.preset!r} is not a {config.model.family} preset; "
                         f"expected one of {sorted(presets)}")
+  _check_lora(config)
   for axis in ("data", "fsdp", "tensor"):
     size = config.mesh[axis]
     if size == 0 or size < -1:
@@ -84,6 +85,19 @@ def check(config) -> None:
   _check_optim(config)
   _check_train(config)
   _check_generation(config)
+
+
+def _check_lora(config):
+  from jaxdpo.models import lora  # cheap: builds nothing
+  cfg = lora.from_config(config.lora)
+  if not cfg.enabled:
+    return
+  if config.job not in ("dpo", "sft"):
+    raise ConfigError(f"config.lora.rank={cfg.rank} with job={config.job!r}: LoRA trains in the dpo and sft jobs "
+                      "only (set config.lora.rank=0)")
+  if config.model.trainable not in ("all", "language"):
+    raise ConfigError(f"config.model.trainable={config.model.trainable!r} with config.lora.rank={cfg.rank}: with "
+                      "LoRA only the adapters train; choose the adapted modules with config.lora.targets")
 
 
 def _check_dpo(config):

@@ -71,10 +71,48 @@ class Einsum(nnx.Module):
     else:
       self.bias = None
 
+  # LoRA (issue 13): set by `add_lora`; None = a plain linear layer (and no extra parameters).
+  lora_a = None
+  lora_b = None
+  lora_scale = 0.0
+
+  def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs, dtype=jnp.float32):
+    """Adds a LoRA adapter: y += (x A) B * alpha / rank, after the bias (as PEFT does).
+
+    A [kernel input dims..., R] is uniform in +-1/sqrt(fan_in) (PEFT's kaiming-uniform default),
+    B [R, kernel output dims...] is zero, so the layer's output is unchanged until B trains. Both
+    carry the kernel's logical axes on the dims they share with it ("lora_rank", unsharded, on R),
+    so they shard as the kernel does.
+    """
+    x_spec, rest = self.eqn.split(",")
+    k_spec, out_spec = rest.split("->")
+    if "R" in self.eqn:
+      raise ValueError(f"LoRA needs the letter R free in the einsum {self.eqn!r}")
+    axes = self.kernel.get_metadata().get("logical_axes") or (None,) * len(k_spec)
+    shape = self.kernel.get_value().shape
+    ins = [i for i, c in enumerate(k_spec) if c in x_spec]
+    outs = [i for i, c in enumerate(k_spec) if c not in x_spec]
+    batch = "".join(c for c in x_spec if c not in k_spec)
+    in_l, out_l = "".join(k_spec[i] for i in ins), "".join(k_spec[i] for i in outs)
+    fan_in = 1
+    for i in ins:
+      fan_in *= shape[i]
+    bound = fan_in ** -0.5
+    init_a = lambda key, shp, dt: jax.random.uniform(key, shp, dt, -bound, bound)
+    self.lora_a = param(rngs, init_a, [shape[i] for i in ins] + [rank], [axes[i] for i in ins] + ["lora_rank"], dtype)
+    self.lora_b = param(rngs, jax.nn.initializers.zeros, [rank] + [shape[i] for i in outs],
+                        ["lora_rank"] + [axes[i] for i in outs], dtype)
+    self.lora_scale = float(alpha) / rank
+    self.lora_eqns = (f"{x_spec},{in_l}R->{batch}R", f"{batch}R,R{out_l}->{out_spec}")
+
   def __call__(self, x):
     y = jnp.einsum(self.eqn, x, self.kernel[...].astype(x.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(x.dtype)
+    if self.lora_a is not None:
+      eqn_a, eqn_b = self.lora_eqns
+      h = jnp.einsum(eqn_a, x, self.lora_a[...].astype(x.dtype))
+      y = y + jnp.einsum(eqn_b, h, self.lora_b[...].astype(x.dtype)) * jnp.asarray(self.lora_scale, x.dtype)
     return y
 
 
