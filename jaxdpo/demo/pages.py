@@ -103,10 +103,13 @@ def render(lines: list[list[str]], spec: PageSpec) -> Image.Image:
   return Image.fromarray(np.stack([pixels] * 3, axis=-1), "RGB")
 
 
-# The SFT pages are easier (short runs, lines repeated at most twice); mining and held-out pages
-# have the same mix of blocks with longer runs and more repeats: where trained OCR models loop.
-EASY = PageSpec(min_lines=2, max_lines=4, run_len=(2, 4), repeat_times=(2, 2))
-HARD = PageSpec(min_lines=3, max_lines=6, run_len=(5, 8), repeat_times=(2, 4))
+# The SFT pages are easier (short runs, lines repeated exactly twice); mining and held-out pages have
+# the same mix of blocks with longer runs and more repeats: where trained OCR models loop. Both use
+# every row of the canvas (SFT 2-6 lines, the others 3-6): with SFT pages of at most 4 lines, the
+# converged reader could not read rows 5-6 and stopped early there (BUILD_NOTES, issue 15, e3 vs e4),
+# so "harder" would have meant "rows never trained on" rather than "more repeated structure".
+EASY = PageSpec(min_lines=2, max_lines=6, run_len=(2, 4), repeat_times=(2, 2))
+HARD = PageSpec(min_lines=3, max_lines=6, run_len=(5, 8), repeat_times=(3, 5))
 SPLITS = {"sft": EASY, "mine": HARD, "heldout": HARD}
 PROMPT = "transcribe :"
 
