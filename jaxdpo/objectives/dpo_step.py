@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdpo.models import batching
+from jaxdpo.models import batching, lora
 from jaxdpo.objectives import dpo_losses as losses
 from jaxdpo.objectives import logprobs
 
@@ -47,6 +47,7 @@ class StepConfig:
   logprob_unroll: bool = False  # unrolled chunk loop, for FLOP counting (`bench --analyze`)
   logit_softcap: float | None = None  # None: use the model's own `logit_softcap`
   model_inputs: Callable[[dict, int], dict] = batching.text_inputs
+  lora_reference: bool = False  # LoRA: the reference is the policy with its adapters off (`models.lora.disabled`)
 
   def __post_init__(self):
     losses.check_grad_accum(self.loss, self.grad_accum)
@@ -104,6 +105,8 @@ def loss_terms(params, ref_params, batch, graphdef, cfg: StepConfig, n_pairs, n_
   elif cfg.loss.reference_free:
     ref = jnp.zeros_like(seq)
   else:
+    if cfg.lora_reference:  # one set of base weights: the reference is the policy with B = 0
+      ref_params = lora.disabled(params)
     ref, _, _ = pair_logps(graphdef, jax.lax.stop_gradient(ref_params), batch, cfg)
     ref = jax.lax.stop_gradient(ref)
     ref = jnp.where(params_identical(params, ref_params), jax.lax.stop_gradient(seq), ref)
