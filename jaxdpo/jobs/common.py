@@ -107,6 +107,7 @@ def train_and_finish(config, workdir: str, mesh, spec, bundle):
   last = train.run_loop(config, workdir, mesh, spec)
   model_dir = None
   if int(jax.device_get(spec.state["step"])) >= config.train.num_steps:
-    model_dir = train.export_final_model(workdir, config, bundle, spec.state["params"])
+    params = model_setup.export_params(bundle, spec.state["params"])  # LoRA: adapters merged in
+    model_dir = train.export_final_model(workdir, config, bundle, params)
   summary.write(config, workdir, spec.outcome, last, model_dir)
   return last

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from jaxdpo.parallel import distributed
 from jaxdpo.parallel import memory
+from jaxdpo.models import lora as lora_lib
 from jaxdpo.models import trainable as trainable_lib
 from jaxdpo.jobs import common, model_setup, ref_cache
 from jaxdpo.jobs import validate
@@ -38,7 +39,13 @@ def loss_config(config) -> losses.DPOLossConfig:
 
 def step_config(config, family) -> step_lib.StepConfig:
   """The DPO step's static settings (the soft cap comes from the model itself)."""
-  return step_lib.StepConfig(loss=loss_config(config), **common.compute_settings(config, family))
+  return step_lib.StepConfig(loss=loss_config(config), **common.compute_settings(config, family),
+                             lora_reference=lora_reference(config))
+
+
+def lora_reference(config) -> bool:
+  """True when the reference is the LoRA policy with its adapters off (no reference copy is held)."""
+  return (config.lora.rank > 0 and not config.dpo.reference_free and config.dpo.reference == "model")
 
 
 def memory_run(config) -> memory.DPORun:
@@ -49,7 +56,8 @@ def memory_run(config) -> memory.DPORun:
   return memory.DPORun(family=family, model_cfg=model_cfg, param_dtype=model_setup.dtype_of(config.model.param_dtype),
                        compute_dtype=compute, attention_impl=model_setup.attention_impl(config.model.attention_impl,
                                                                                          compute),
-                       tx=tx, reference_model=not config.dpo.reference_free and config.dpo.reference == "model",
+                       tx=tx, reference_model=(not config.dpo.reference_free and config.dpo.reference == "model"
+                                                        and not lora_reference(config)),
                        batch_size=config.train.batch_size, grad_accum=config.train.grad_accum,
                        seq_len=config.data.max_length, logprob_chunk=config.train.logprob_chunk,
                        trainable=trainable_lib.predicate(config.model.trainable, family))
@@ -157,7 +165,8 @@ def prepare(config, workdir: str, *, check_cache: bool = True) -> Prepared:
   # Per-device memory from shapes alone: a run that cannot fit stops before anything is allocated.
   plan = memory.report_and_check(memory.plan_dpo(memory_run(config), mesh, rules), config.train.device_memory_gb,
                                  announce=False)  # compiled_check below logs the refined plan
-  bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed)
+  bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed,
+                                   lora_cfg=lora_lib.from_config(config.lora))
   common.check_vocab(tok, bundle.config, config.data.tokenizer)
   scfg = step_config(config, bundle.family)
   pad_id = tokenize.pad_token_id(tok)
@@ -185,6 +194,8 @@ def run(config, workdir: str) -> dict:
       if eval_examples:
         eval_examples = precompute_reference(bundle, eval_examples, scfg, mesh, config.train.batch_size, collate,
                                              "eval")
+    elif scfg.lora_reference:
+      pass  # LoRA: the step evaluates the policy with B = 0 as the reference; no copy of the base
     else:
       # A frozen copy of the initial policy: separate buffers, since the train state is donated.
       ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p),

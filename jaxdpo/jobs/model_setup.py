@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdpo.parallel import sharding as shd
-from jaxdpo.models import io, registry
+from jaxdpo.models import io, lora, registry
 from jaxdpo.models import trainable as trainable_lib
 from jaxdpo.errors import ConfigError
 
@@ -24,6 +24,7 @@ class ModelBundle:
   params: dict
   param_shardings: dict
   abstract: object  # abstract nnx.State, for restoring
+  lora: lora.LoraConfig | None = None  # set when the params hold LoRA adapters (issue 13)
 
 
 def dtype_of(name: str):
@@ -73,25 +74,54 @@ def resolve_model(model_cfg):
   return family, family.presets[model_cfg.preset]()
 
 
-def setup_model(model_cfg, mesh, rules, *, seed: int) -> ModelBundle:
-  """Creates or loads the policy directly into its sharding (never whole on one host)."""
+def setup_model(model_cfg, mesh, rules, *, seed: int, lora_cfg: lora.LoraConfig | None = None) -> ModelBundle:
+  """Creates or loads the policy directly into its sharding (never whole on one host).
+
+  With `lora_cfg` enabled, the module gets LoRA adapters (`jaxdpo.models.lora`): the base comes from
+  the preset init or the checkpoint as without LoRA, the adapters are initialised (A random, B zero).
+  """
   param_dtype = dtype_of(model_cfg.param_dtype)
   impl = attention_impl(model_cfg.attention_impl, dtype_of(model_cfg.compute_dtype))
   family, cfg = resolve_model(model_cfg)
-  graphdef, abstract = io.build_abstract(family, cfg, param_dtype, impl)
+  use_lora = lora_cfg is not None and lora_cfg.enabled
+  build = ((lambda rngs: lora.build(family, cfg, lora_cfg, rngs, param_dtype, impl)) if use_lora
+           else (lambda rngs: family.build(cfg, rngs, param_dtype, impl)))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))), nnx.Param)
   p_sh = shd.param_shardings(abstract, rules, mesh)
+
+  def init():
+    return nnx.to_pure_dict(nnx.split(build(nnx.Rngs(seed)), nnx.Param)[1])
+
   if model_cfg.checkpoint:
-    params = nnx.to_pure_dict(io.load_params(model_cfg.checkpoint, abstract, shardings=p_sh, dtype=param_dtype))
+    base_graph, base_abstract = io.build_abstract(family, cfg, param_dtype, impl)
+    base_sh = shd.param_shardings(base_abstract, rules, mesh)
+    params = nnx.to_pure_dict(io.load_params(model_cfg.checkpoint, base_abstract, shardings=base_sh,
+                                             dtype=param_dtype))
+    if use_lora:  # only the adapters are initialised; the unused base init is dead code under jit
+      adapters = jax.jit(lambda: lora.split_base(init())[1], out_shardings=lora.split_base(p_sh)[1])()
+      params = lora.merge_base(params, adapters)
   else:
-    def init():
-      model = family.build(cfg, nnx.Rngs(seed), param_dtype, impl)
-      return nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
     params = jax.jit(init, out_shardings=p_sh)()
-  return ModelBundle(family, cfg, graphdef, params, p_sh, abstract)
+  return ModelBundle(family, cfg, graphdef, params, p_sh, abstract, lora_cfg if use_lora else None)
+
+
+def export_params(bundle: ModelBundle, params):
+  """The parameters a finished run exports: with LoRA, the adapters merged into the base kernels."""
+  if bundle.lora is None:
+    return params
+  return jax.jit(lambda p: lora.merged(bundle.graphdef, p))(params)
 
 
 def trainable_mask(model_cfg, bundle: ModelBundle):
   """The bool tree of trainable params named by `config.model.trainable` (None: all train)."""
+  if bundle.lora is not None:  # LoRA: the adapters train, the whole base is frozen
+    mask = lora.adapter_mask(bundle.params)
+    import logging
+    n_all = sum(x.size for x in jax.tree.leaves(bundle.params))
+    n_train = sum(x.size for x in jax.tree.leaves(trainable_lib.trainable_part(bundle.params, mask)))
+    logging.getLogger("jaxdpo").info("LoRA rank %d: %d adapter parameters train, %d base parameters frozen",
+                                     bundle.lora.rank, n_train, n_all - n_train)
+    return mask
   spec = model_cfg.trainable
   mask = trainable_lib.mask_of(bundle.params, trainable_lib.predicate(spec, bundle.family), spec)
   if mask is not None:

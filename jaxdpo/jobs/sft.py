@@ -15,6 +15,7 @@ from jaxdpo.train import update
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.data import pipeline, records, tokenize
 from jaxdpo.data.vision import adapters as multimodal
+from jaxdpo.models import lora as lora_lib
 from jaxdpo.objectives import sft_step
 
 
@@ -54,7 +55,8 @@ def run(config, workdir: str) -> dict:
   degen_vision = vision
   if vision is not None:  # one static image budget for train and eval batches
     vision = vision.with_budget(examples, eval_examples)
-  bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed)
+  bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed,
+                                   lora_cfg=lora_lib.from_config(config.lora))
   common.check_vocab(tok, bundle.config, config.data.tokenizer)
   scfg = sft_step.SFTStepConfig(**common.compute_settings(config, bundle.family))
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)

@@ -104,6 +104,15 @@ class Einsum(nnx.Module):
                         ["lora_rank"] + [axes[i] for i in outs], dtype)
     self.lora_scale = float(alpha) / rank
     self.lora_eqns = (f"{x_spec},{in_l}R->{batch}R", f"{batch}R,R{out_l}->{out_spec}")
+    self.lora_merge_eqn = f"{in_l}R,R{out_l}->{k_spec}"  # A B in the kernel's layout
+
+  def merged_kernel(self):
+    """The kernel with the adapter folded in: W + (A B) * alpha / rank, in the kernel's dtype."""
+    w = self.kernel[...]
+    if self.lora_a is None:
+      return w
+    delta = jnp.einsum(self.lora_merge_eqn, self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
+    return (w.astype(jnp.float32) + delta * self.lora_scale).astype(w.dtype)
 
   def __call__(self, x):
     y = jnp.einsum(self.eqn, x, self.kernel[...].astype(x.dtype))

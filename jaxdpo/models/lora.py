@@ -145,3 +145,19 @@ def disabled(params):
   exactly the base layers'). The DPO reference of a LoRA run."""
   return jax.tree_util.tree_map_with_path(
       lambda path, x: jnp.zeros_like(x) if trainable_lib.path_str(path).endswith("/lora_b") else x, params)
+
+
+def merged(graphdef, params):
+  """The base parameter tree (no adapter leaves) with every adapter folded into its kernel.
+
+  What a LoRA run exports as its model: it loads into the family's plain module.
+  """
+  model = nnx.merge(graphdef, params)
+  base, _ = split_base(params)
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, layers.Einsum) and node.lora_a is not None:
+      target = base
+      for k in path:
+        target = target[k]
+      target["kernel"] = node.merged_kernel()
+  return base
