@@ -46,3 +46,24 @@ def test_lora_dpo_job_trains_adapters_only_and_exports_merged(tmp_path):
     else:
       np.testing.assert_array_equal(exported[path], w, err_msg=path)  # untargeted: bit-identical
   assert len(changed) == 7 * model_setup.resolve_model(c.model)[1].num_layers
+
+  # workdir/peft loads with peft onto the HF export of the initial base and gives the merged model's logits.
+  import torch
+  from peft import PeftModel
+  from transformers import AutoModelForCausalLM
+  family, cfg = model_setup.resolve_model(c.model)
+  base_tree = model_setup.setup_model(c.model, mesh, shd.DEFAULT_RULES, seed=c.seed).params
+  io.export_model_dir(str(tmp_path / "base"), family, cfg, jax.device_get(base_tree),
+                      hf_config=family.config_to_hf(cfg))
+  io.jax_to_hf_dir(str(tmp_path / "base"), str(tmp_path / "base-hf"))
+  io.jax_to_hf_dir(str(tmp_path / "model"), str(tmp_path / "merged-hf"))
+  ids = torch.tensor(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)))
+  with torch.no_grad():
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged-hf")).eval()(input_ids=ids).logits.numpy()
+    hf_base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base-hf")).eval()
+    base_logits = hf_base(input_ids=ids).logits.numpy()
+    peft = PeftModel.from_pretrained(hf_base, str(tmp_path / "peft")).eval()(input_ids=ids).logits.numpy()
+  err = float(np.abs(peft - merged).max() / np.abs(merged).max())
+  print(f"job export: PEFT on the base vs merged model, logits max rel err {err:.2e}")
+  assert err < 1e-5
+  assert float(np.abs(base_logits - merged).max() / np.abs(merged).max()) > 1e-4  # the adapters did train

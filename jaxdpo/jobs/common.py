@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 
 from jaxdpo.data import records
@@ -109,5 +111,8 @@ def train_and_finish(config, workdir: str, mesh, spec, bundle):
   if int(jax.device_get(spec.state["step"])) >= config.train.num_steps:
     params = model_setup.export_params(bundle, spec.state["params"])  # LoRA: adapters merged in
     model_dir = train.export_final_model(workdir, config, bundle, params)
+    if bundle.lora is not None:
+      model_setup.export_peft(os.path.join(workdir, "peft"), bundle, spec.state["params"],
+                              base_model=config.model.checkpoint)
   summary.write(config, workdir, spec.outcome, last, model_dir)
   return last

@@ -112,6 +112,19 @@ def export_params(bundle: ModelBundle, params):
   return jax.jit(lambda p: lora.merged(bundle.graphdef, p))(params)
 
 
+def export_peft(out_dir: str, bundle: ModelBundle, params, *, base_model: str = "") -> str | None:
+  """Writes a LoRA run's adapters as a PEFT adapter (`jaxdpo.models.lora_peft`); single-process runs only."""
+  import logging
+  if jax.process_count() > 1:
+    logging.getLogger("jaxdpo").warning("the PEFT adapter is not written by multi-process runs (not built)")
+    return None
+  from jaxdpo.models import lora_peft
+  out = lora_peft.write_peft(out_dir, bundle.graphdef, jax.device_get(params), bundle.family, bundle.config,
+                             base_model=base_model)
+  logging.getLogger("jaxdpo").info("PEFT adapter written to %s (peft.PeftModel.from_pretrained(hf_base, dir))", out)
+  return out
+
+
 def trainable_mask(model_cfg, bundle: ModelBundle):
   """The bool tree of trainable params named by `config.model.trainable` (None: all train)."""
   if bundle.lora is not None:  # LoRA: the adapters train, the whole base is frozen
