@@ -75,9 +75,28 @@ def gemma_processor_files(out_dir: str):
   return out_dir
 
 
-def build_checkpoint(family: str, root: str, seed: int = 0, embed_std: float = 0.05) -> tuple[str, object]:
+def hf_processor(family: str, tok_dir: str, monkeypatch):
+  """transformers' processor for the family, from the tokenizer dir's files."""
+  from transformers import AutoTokenizer, processing_utils
+  tok = AutoTokenizer.from_pretrained(tok_dir)
+  if family == "qwen2_5_vl":
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    # Only the class check needs torchvision's video processor; images never touch it.
+    monkeypatch.setattr(processing_utils.ProcessorMixin, "check_argument_for_proper_class", lambda *a: None)
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(tok_dir), tokenizer=tok,
+                               video_processor=None, chat_template=tok.chat_template)
+  from transformers import Gemma3Processor
+  from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+  return Gemma3Processor(image_processor=Gemma3ImageProcessorPil.from_pretrained(tok_dir), tokenizer=tok,
+                         chat_template=tok.chat_template, image_seq_length=9)
+
+
+def build_checkpoint(family: str, root: str, seed: int = 0, embed_std: float = 0.05,
+                     qwen_kw: dict | None = None) -> tuple[str, object]:
   """A tiny random HF model saved with `save_pretrained`, processor files added, converted.
 
+  `qwen_kw`: extra `_qwen_vl_helpers.tiny_hf_config` arguments (e.g. a shallower vision tower).
   Returns (converted checkpoint dir, the HF model in eval mode).
   """
   import _gemma_helpers
@@ -85,7 +104,7 @@ def build_checkpoint(family: str, root: str, seed: int = 0, embed_std: float = 0
   from jaxdpo.models import io
   hf_dir, ck_dir = os.path.join(root, f"{family}_hf"), os.path.join(root, f"{family}_ck")
   if family == "qwen2_5_vl":
-    hf = _qwen_vl_helpers.build_hf_model(hf_dir, seed=seed, init_std=0.3)
+    hf = _qwen_vl_helpers.build_hf_model(hf_dir, seed=seed, init_std=0.3, **(qwen_kw or {}))
     qwen_processor_files(hf_dir)
   else:
     hf = _gemma_helpers.tiny_vlm(seed=seed, embed_std=embed_std)

@@ -32,23 +32,6 @@ from jaxdpo.models import io
 FAMILIES = ["qwen2_5_vl", "gemma3"]
 
 
-def hf_processor(family: str, tok_dir: str, monkeypatch):
-  """transformers' processor for the family, from the tokenizer dir's files."""
-  from transformers import AutoTokenizer, processing_utils
-  tok = AutoTokenizer.from_pretrained(tok_dir)
-  if family == "qwen2_5_vl":
-    from transformers import Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    # Only the class check needs torchvision's video processor; images never touch it.
-    monkeypatch.setattr(processing_utils.ProcessorMixin, "check_argument_for_proper_class", lambda *a: None)
-    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(tok_dir), tokenizer=tok,
-                               video_processor=None, chat_template=tok.chat_template)
-  from transformers import Gemma3Processor
-  from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
-  return Gemma3Processor(image_processor=Gemma3ImageProcessorPil.from_pretrained(tok_dir), tokenizer=tok,
-                         chat_template=tok.chat_template, image_seq_length=9)
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def setup(request, tmp_path_factory):
   family = request.param
@@ -92,7 +75,7 @@ def _hf_row(setup, proc, record, completion):
 
 def test_pair_logps_match_transformers(setup, monkeypatch):
   import json
-  proc = hf_processor(setup["family"], setup["tok_dir"], monkeypatch)
+  proc = VH.hf_processor(setup["family"], setup["tok_dir"], monkeypatch)
   scfg = step_lib.StepConfig(loss=losses.DPOLossConfig(), model_inputs=setup["vision"].family.model_inputs)
   seq, _, counts = jax.jit(lambda p, b: step_lib.pair_logps(setup["graphdef"], p, b, scfg))(setup["params"],
                                                                                            setup["batch"])
