@@ -52,6 +52,8 @@ def test_zero_b_gives_the_base_logits_exactly(family, preset):
   # ... and `disabled` switches them off again, exactly.
   np.testing.assert_array_equal(np.asarray(_logits(g_lora, lora.disabled(moved), inputs)), np.asarray(want))
   assert lora.merge_base(base_params, adapters).keys() == params.keys()
+  adapter_paths = [trainable_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]]
+  assert adapter_paths and all(lora.is_adapter_path(p) for p in adapter_paths)  # no base leaf in the adapters
 
 
 def test_default_targets_and_axes_on_a_vlm():

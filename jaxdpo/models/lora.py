@@ -112,22 +112,27 @@ def adapter_mask(params):
 
 
 def split_base(params):
-  """(base params without adapters, adapters only): two pure dicts; `merge_base` undoes it."""
-  def walk(node, keep_adapter):
+  """(base params without adapters, adapters only): two pure dicts; `merge_base` undoes it.
+
+  The adapter tree keeps only the `lora_a` / `lora_b` leaves and the dicts leading to them.
+  """
+  def base_of(node):
     if not isinstance(node, dict):
       return node
+    return {k: base_of(v) for k, v in node.items() if k not in ADAPTER_KEYS}
+
+  def adapters_of(node):
     out = {}
     for k, v in node.items():
       if k in ADAPTER_KEYS:
-        if keep_adapter:
-          out[k] = v
-        continue
-      sub = walk(v, keep_adapter)
-      if isinstance(sub, dict) and not sub and isinstance(v, dict) and keep_adapter:
-        continue
-      out[k] = sub
+        out[k] = v
+      elif isinstance(v, dict):
+        sub = adapters_of(v)
+        if sub:
+          out[k] = sub
     return out
-  return walk(params, False), walk(params, True)
+
+  return base_of(params), adapters_of(params)
 
 
 def merge_base(base, adapters):
