@@ -112,3 +112,33 @@ def test_config_keys_are_validated_early():
     check(lora__rank=4, job="eval")
   with pytest.raises(ConfigError, match="config.model.trainable"):
     check(lora__rank=4, model__trainable="layers/0")
+
+
+def test_planner_on_the_3b_preset_has_no_reference_and_adapter_only_optimizer_state():
+  """Acceptance 4 (in part: the base dtype is `model.param_dtype`; `lora.base_dtype` is not built)."""
+  import importlib.util
+  import os
+  from jaxdpo.jobs import dpo as dpo_job
+  from jaxdpo.jobs import model_setup
+  from jaxdpo.parallel import memory
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("c", os.path.join(root, "configs", "qwen2_5_vl_3b_dpo.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config()
+  mesh = shd.make_mesh(config.mesh)
+  assert mesh.size == 8
+  rules = model_setup.parse_rules(config.sharding_rules)
+  full = memory.plan_dpo(dpo_job.memory_run(config), mesh, rules)
+  config.lora.rank = 16
+  planned = memory.plan_dpo(dpo_job.memory_run(config), mesh, rules)
+  assert full.reference > 0 and planned.reference == 0
+  family = model_setup.resolve_model(config.model)[0]
+  abstract = memory._abstract_lora_params(family.name, family.presets[config.model.preset](), np.dtype("float32"),
+                                          lora.from_config(config.lora))
+  params = memory.with_shardings(nnx.to_pure_dict(abstract), shd.param_shardings(abstract, rules, mesh))
+  adapters = sum(memory._leaf_bytes(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                 if lora.is_adapter_path(trainable_lib.path_str(p)))
+  assert 0 < adapters < 0.1 * full.params  # rank 16: 4.8% per device (R and tensor-mapped dims replicate)
+  assert planned.gradients == adapters and planned.opt_state - 2 * adapters < 64  # AdamW mu + nu (+ counts)
+  assert planned.params == full.params + adapters

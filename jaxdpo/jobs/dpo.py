@@ -60,7 +60,8 @@ def memory_run(config) -> memory.DPORun:
                                                         and not lora_reference(config)),
                        batch_size=config.train.batch_size, grad_accum=config.train.grad_accum,
                        seq_len=config.data.max_length, logprob_chunk=config.train.logprob_chunk,
-                       trainable=trainable_lib.predicate(config.model.trainable, family))
+                       trainable=trainable_lib.predicate(config.model.trainable, family),
+                       lora=lora_lib.from_config(config.lora) if config.lora.rank > 0 else None)
 
 
 def tokenize_preferences(source: str, tok, config, *, desc: str, vision=None,

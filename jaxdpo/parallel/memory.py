@@ -176,6 +176,16 @@ class DPORun:
   seq_len: int
   logprob_chunk: int
   trainable: Any = None
+  lora: Any = None  # a `jaxdpo.models.lora.LoraConfig` with rank > 0: adapters train, the base is frozen
+
+
+@functools.lru_cache(maxsize=4)
+def _abstract_lora_params(family_name: str, model_cfg, param_dtype, lora_cfg):
+  from flax import nnx as nnx_
+  from jaxdpo.models import lora, registry
+  family = registry.get_family(family_name)
+  model = nnx_.eval_shape(lambda: lora.build(family, model_cfg, lora_cfg, nnx_.Rngs(0), param_dtype))
+  return nnx_.split(model, nnx_.Param)[1]
 
 
 @functools.lru_cache(maxsize=4)
@@ -191,10 +201,15 @@ def plan_dpo(run: DPORun, mesh, rules=shd.DEFAULT_RULES) -> MemoryPlan:
   `rules` are the resolved logical-axis rules: the parameters and the batch are sized with the
   shardings the run will use (a `batch=` override included).
   """
-  abstract = _abstract_params(run.family.name, run.model_cfg, run.param_dtype)
+  use_lora = run.lora is not None and run.lora.rank > 0
+  if use_lora:  # the base plus adapters; only the adapters train
+    from jaxdpo.models import lora
+    abstract = _abstract_lora_params(run.family.name, run.model_cfg, run.param_dtype, run.lora)
+  else:
+    abstract = _abstract_params(run.family.name, run.model_cfg, run.param_dtype)
   p_sh = shd.param_shardings(abstract, rules, mesh)
   params = with_shardings(nnx.to_pure_dict(abstract), p_sh)
-  mask = trainable_lib.mask_of(params, run.trainable)
+  mask = lora.adapter_mask(params) if use_lora else trainable_lib.mask_of(params, run.trainable)
   trained = trainable_lib.trainable_part(params, mask)
   abstract_opt = jax.eval_shape(run.tx.init, trained)
   opt = with_shardings(abstract_opt, opt_state_shardings(abstract_opt, trained,
