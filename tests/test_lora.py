@@ -108,6 +108,8 @@ def test_config_keys_are_validated_early():
     check(lora__rank=-2)
   with pytest.raises(ConfigError, match="config.lora.targets"):
     check(lora__rank=4, lora__targets="[")
+  with pytest.raises(ConfigError, match="config.lora.base_dtype"):
+    check(lora__rank=4, lora__base_dtype="float16")
   with pytest.raises(ConfigError, match="job='eval'"):
     check(lora__rank=4, job="eval")
   with pytest.raises(ConfigError, match="config.model.trainable"):
@@ -115,7 +117,7 @@ def test_config_keys_are_validated_early():
 
 
 def test_planner_on_the_3b_preset_has_no_reference_and_adapter_only_optimizer_state():
-  """Acceptance 4 (in part: the base dtype is `model.param_dtype`; `lora.base_dtype` is not built)."""
+  """Acceptance 4: no reference copy, optimizer bytes for the adapters only, the base at `lora.base_dtype`."""
   import importlib.util
   import os
   from jaxdpo.jobs import dpo as dpo_job
@@ -142,3 +144,7 @@ def test_planner_on_the_3b_preset_has_no_reference_and_adapter_only_optimizer_st
   assert 0 < adapters < 0.1 * full.params  # rank 16: 4.8% per device (R and tensor-mapped dims replicate)
   assert planned.gradients == adapters and planned.opt_state - 2 * adapters < 64  # AdamW mu + nu (+ counts)
   assert planned.params == full.params + adapters
+  config.lora.base_dtype = "bfloat16"  # the base stored in bf16, the adapters (and their state) in fp32
+  half = memory.plan_dpo(dpo_job.memory_run(config), mesh, rules)
+  assert half.params == full.params // 2 + adapters
+  assert (half.opt_state, half.gradients, half.reference) == (planned.opt_state, planned.gradients, 0)

@@ -32,6 +32,8 @@ def base() -> ml_collections.ConfigDict:
   c.lora.rank = 0                   # adapter rank r; 0 = LoRA off (full fine-tuning, or model.trainable)
   c.lora.alpha = 16.0               # adapter output scale alpha / rank (PEFT's lora_alpha)
   c.lora.dropout = 0.0              # adapter input dropout; only 0 is implemented (other values are refused)
+  c.lora.base_dtype = ""            # "" = model.param_dtype | float32 | bfloat16: storage of the frozen base (adapters
+                                    # stay float32)
   c.lora.targets = ""               # regex over linear-module paths ("language_model/layers/3/self_attn/q");
                                     # "" = q, k, v, o, gate, up, down of every language-model layer
 

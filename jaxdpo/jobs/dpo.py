@@ -53,7 +53,9 @@ def memory_run(config) -> memory.DPORun:
   family, model_cfg = model_setup.resolve_model(config.model)
   compute = model_setup.dtype_of(config.model.compute_dtype)
   tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
-  return memory.DPORun(family=family, model_cfg=model_cfg, param_dtype=model_setup.dtype_of(config.model.param_dtype),
+  lora_cfg = lora_lib.from_config(config.lora) if config.lora.rank > 0 else None
+  base = model_setup.dtype_of(model_setup.base_dtype(config.model, lora_cfg))
+  return memory.DPORun(family=family, model_cfg=model_cfg, param_dtype=base,
                        compute_dtype=compute, attention_impl=model_setup.attention_impl(config.model.attention_impl,
                                                                                          compute),
                        tx=tx, reference_model=(not config.dpo.reference_free and config.dpo.reference == "model"
@@ -61,7 +63,7 @@ def memory_run(config) -> memory.DPORun:
                        batch_size=config.train.batch_size, grad_accum=config.train.grad_accum,
                        seq_len=config.data.max_length, logprob_chunk=config.train.logprob_chunk,
                        trainable=trainable_lib.predicate(config.model.trainable, family),
-                       lora=lora_lib.from_config(config.lora) if config.lora.rank > 0 else None)
+                       lora=lora_cfg)
 
 
 def tokenize_preferences(source: str, tok, config, *, desc: str, vision=None,

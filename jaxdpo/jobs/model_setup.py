@@ -80,10 +80,10 @@ def setup_model(model_cfg, mesh, rules, *, seed: int, lora_cfg: lora.LoraConfig 
   With `lora_cfg` enabled, the module gets LoRA adapters (`jaxdpo.models.lora`): the base comes from
   the preset init or the checkpoint as without LoRA, the adapters are initialised (A random, B zero).
   """
-  param_dtype = dtype_of(model_cfg.param_dtype)
+  use_lora = lora_cfg is not None and lora_cfg.enabled
+  param_dtype = dtype_of(base_dtype(model_cfg, lora_cfg))
   impl = attention_impl(model_cfg.attention_impl, dtype_of(model_cfg.compute_dtype))
   family, cfg = resolve_model(model_cfg)
-  use_lora = lora_cfg is not None and lora_cfg.enabled
   build = ((lambda rngs: lora.build(family, cfg, lora_cfg, rngs, param_dtype, impl)) if use_lora
            else (lambda rngs: family.build(cfg, rngs, param_dtype, impl)))
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))), nnx.Param)
@@ -103,6 +103,13 @@ def setup_model(model_cfg, mesh, rules, *, seed: int, lora_cfg: lora.LoraConfig 
   else:
     params = jax.jit(init, out_shardings=p_sh)()
   return ModelBundle(family, cfg, graphdef, params, p_sh, abstract, lora_cfg if use_lora else None)
+
+
+def base_dtype(model_cfg, lora_cfg) -> str:
+  """The base parameters' storage dtype: `lora.base_dtype` for a LoRA run when set, else `model.param_dtype`."""
+  if lora_cfg is not None and lora_cfg.enabled and lora_cfg.base_dtype:
+    return lora_cfg.base_dtype
+  return model_cfg.param_dtype
 
 
 def export_params(bundle: ModelBundle, params):

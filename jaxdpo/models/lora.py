@@ -43,6 +43,7 @@ class LoraConfig:
   alpha: float = 16.0
   dropout: float = 0.0
   targets: str = DEFAULT_TARGETS
+  base_dtype: str = ""  # storage dtype of the frozen base ("" = model.param_dtype); adapters stay float32
 
   @property
   def enabled(self) -> bool:
@@ -55,6 +56,8 @@ class LoraConfig:
       raise ConfigError(f"config.lora.alpha={self.alpha!r}: expected > 0")
     if self.dropout != 0.0:
       raise ConfigError(f"config.lora.dropout={self.dropout!r}: only 0 is implemented (no adapter dropout)")
+    if self.base_dtype not in ("", "float32", "bfloat16"):
+      raise ConfigError(f"config.lora.base_dtype={self.base_dtype!r}: expected '', float32 or bfloat16")
     try:
       re.compile(self.targets)
     except re.error as e:
@@ -64,7 +67,7 @@ class LoraConfig:
 def from_config(lora_cfg) -> LoraConfig:
   """The ConfigDict section `config.lora` as a `LoraConfig` (validated)."""
   return LoraConfig(rank=lora_cfg.rank, alpha=float(lora_cfg.alpha), dropout=float(lora_cfg.dropout),
-                    targets=lora_cfg.targets or DEFAULT_TARGETS)
+                    targets=lora_cfg.targets or DEFAULT_TARGETS, base_dtype=lora_cfg.base_dtype)
 
 
 def _linear_modules(model):
