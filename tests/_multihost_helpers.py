@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from tests import _xla_flags
 from tests._dpo_helpers import ROOT
 
 CONFIG = os.path.join(ROOT, "configs", "tiny_dpo.py")
@@ -22,7 +23,8 @@ def free_port() -> int:
 def cpu_env(devices: int) -> dict:
   """The environment of one CPU process with `devices` fake devices (the test's own 8 overridden)."""
   env = dict(os.environ)
-  env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+  env.update({"XLA_FLAGS": _xla_flags.with_devices(devices),
+              "JAX_PLATFORMS": "cpu",
               "PYTHONUNBUFFERED": "1"})
   for key in list(env):
     if key.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_")):

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+from tests import _xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -32,6 +34,7 @@ def test_readme_tiny_vl_chain_runs_from_another_directory(tmp_path):
   # This checkout first on the path, as an installed jaxdpo would be; a user's environment
   # (one device, not the suite's 8 fake ones).
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = _xla_flags.FAST_COMPILE
   env.update(PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
   r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True, text=True,

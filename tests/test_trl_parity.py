@@ -278,7 +278,10 @@ def _our_trajectory(graphdef, pparams, ref_params, batch, loss_cfg, steps):
   mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
   params = jax.device_put(jax.tree.map(np.array, pparams), shd.replicated(mesh))  # a copy: the state is donated
   ref = jax.device_put(ref_params, shd.replicated(mesh))
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  # The whole state on the mesh: the donated output state is, and an input with other shardings
+  # (Adam's counts, the step) would compile the step a second time.
+  state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)},
+                         shd.replicated(mesh))
   cfg = step_lib.StepConfig(loss=loss_cfg, logprob_chunk=5)
   step = update.make_train_step(step_lib.objective(graphdef, cfg), tx, mesh,
                                 jax.tree.map(lambda _: shd.replicated(mesh), state),
