@@ -6,6 +6,10 @@ batch size or learning rate would give a run that matches neither), so the job s
 the changed keys. Keys that only control the run, not its result, may differ freely; keys in
 `SAFE_WITH_OVERRIDE` may differ when named in `--config.train.allow_changed=KEY,KEY` (or
 `=safe` for all of them); any other change needs a new workdir.
+
+A key that the saved config lacks and that the current one holds at its default is not a change:
+the run was started by an older jaxdpo, before the key existed, and every added key defaults to
+the behaviour from before it (an upgrade must not strand a run half-way).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import os
 
 from jaxdpo.errors import ConfigError
+from jaxdpo.jobs import defaults
 
 TRAINING_JOBS = ("dpo", "sft")
 
@@ -42,10 +47,24 @@ def flatten(tree: dict, prefix: str = "") -> dict:
   return out
 
 
-def changed_keys(saved: dict, current: dict) -> dict[str, tuple]:
-  """{dotted key: (saved value, current value)} for every key whose value differs."""
+def changed_keys(saved: dict, current: dict, added_defaults: dict | None = None) -> dict[str, tuple]:
+  """{dotted key: (saved value, current value)} for every key whose value differs.
+
+  Args:
+    saved: the config the run was started with.
+    current: the config of this invocation.
+    added_defaults: flattened defaults; a key missing from `saved` whose current value equals its
+      default here counts as unchanged (a key added to jaxdpo after the run started).
+  """
   a, b = flatten(saved), flatten(current)
-  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+  added_defaults = added_defaults or {}
+  out = {}
+  for k in sorted(set(a) | set(b)):
+    if k not in a and k in added_defaults and b.get(k) == added_defaults[k]:
+      continue
+    if a.get(k) != b.get(k):
+      out[k] = (a.get(k), b.get(k))
+  return out
 
 
 def _has_checkpoint(workdir: str) -> bool:
@@ -61,7 +80,8 @@ def check(config, workdir: str) -> None:
   with open(path) as f:
     saved = json.load(f)
   current = json.loads(config.to_json_best_effort())
-  changes = {k: v for k, v in changed_keys(saved, current).items() if k not in ALWAYS_ALLOWED}
+  base = flatten(json.loads(defaults.base().to_json_best_effort()))
+  changes = {k: v for k, v in changed_keys(saved, current, base).items() if k not in ALWAYS_ALLOWED}
   allowed = _allowed(config)
   refused = {k: v for k, v in changes.items() if k not in allowed}
   if not refused:
