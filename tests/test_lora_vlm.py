@@ -2,6 +2,7 @@
 Qwen2.5-VL and Gemma 3 checkpoints with image records, `lora.rank=4`, `model.trainable=language`: the loss
 falls and the exported (merged) model's vision tower and projector are bit-identical to the base's."""
 
+import json
 import os
 import subprocess
 import sys
@@ -47,3 +48,8 @@ def test_lora_dpo_on_a_vlm_keeps_the_vision_side(tmp_path, family):
     np.testing.assert_array_equal(out[p], base[p], err_msg=p)
   moved = [p for p in base if p.endswith("self_attn/q/kernel") and p.startswith("language_model/")]
   assert moved and all(np.abs(out[p] - base[p]).max() > 0 for p in moved)
+  # The job writes the PEFT adapter for VLMs too, under transformers' runtime module names
+  # (tests/test_lora_peft_vlm.py loads such an adapter with peft).
+  with open(work / "peft" / "adapter_config.json") as f:
+    targets = json.load(f)["target_modules"]
+  assert targets.count("language_model") == 7 * len(moved)

@@ -111,7 +111,7 @@ def train_and_finish(config, workdir: str, mesh, spec, bundle):
   if int(jax.device_get(spec.state["step"])) >= config.train.num_steps:
     params = model_setup.export_params(bundle, spec.state["params"])  # LoRA: adapters merged in
     model_dir = train.export_final_model(workdir, config, bundle, params)
-    if bundle.lora is not None and not bundle.family.vision_params:  # VLM module names: not built (BUILD_NOTES)
+    if bundle.lora is not None:  # the PEFT adapter too (text and VLM families)
       model_setup.export_peft(os.path.join(workdir, "peft"), bundle, spec.state["params"],
                               base_model=config.model.checkpoint)
   summary.write(config, workdir, spec.outcome, last, model_dir)

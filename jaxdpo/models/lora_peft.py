@@ -1,8 +1,10 @@
 """LoRA adapters written as a PEFT adapter (issue 13): `adapter_model.safetensors` + `adapter_config.json`.
 
 `peft.PeftModel.from_pretrained(hf_base, out_dir)` loads the result onto the HF base model. The
-module names come from the family's converter rules (the HF key of each adapted kernel, less
-".weight"), so the names follow whatever layout the family exports (text model or VLM).
+module names come from the family's converter rules: the *canonical* HF key of each adapted kernel,
+less ".weight". Canonical keys are transformers-5's runtime module names (`model.language_model.layers...`
+for Qwen2.5-VL and Gemma 3), which is what peft matches `target_modules` against; the hub layout that
+`jax-to-hf` writes for Qwen2.5-VL (`model.layers...`, renamed by transformers at load) would match nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def adapter_tensors(graphdef, params, family, model_cfg) -> tuple[dict[str, np.n
     if not isinstance(node, layers.Einsum) or node.lora_a is None:
       continue
     kernel_path = ".".join(str(p) for p in path) + ".kernel"
-    hf_key = convert_table.hf_key_of(kernel_path, rules, family.denormalize_key)
+    hf_key = convert_table.hf_key_of(kernel_path, rules)  # canonical = runtime name (no denormalize_key)
     if not hf_key.endswith(".weight"):
       raise ConversionError(f"LoRA export: {kernel_path} maps to {hf_key!r}, not a linear layer's weight")
     module = hf_key[:-len(".weight")]
