@@ -72,3 +72,18 @@ def test_jax_to_hf_peft_and_merge_lora(tmp_path, capsys):
       err = capsys.readouterr().err.strip()
       assert err.count("\n") == 0 and err.startswith("error: ") and str(bad) in err and "no LoRA adapters" in err, err
       assert not out.exists()
+
+
+def test_readme_usage_and_help_name_the_lora_flags(capsys):
+  import re
+
+  import pytest
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "README.md")) as f:
+    usage = [l for l in f.read().splitlines() if l.startswith("python -m jaxdpo.convert jax-to-hf --")]
+  with pytest.raises(SystemExit):
+    convert_cli.main(["jax-to-hf", "--help"])
+  help_flags = set(re.findall(r"--[a-z-]+", capsys.readouterr().out))
+  readme_flags = {f for line in usage for f in re.findall(r"--[a-z-]+", line.split("#")[0])}
+  assert {"--peft", "--merge-lora"} <= readme_flags <= help_flags
+  assert "--peft" in convert_cli.__doc__ and "--merge-lora" in convert_cli.__doc__
