@@ -48,8 +48,26 @@ def test_lora_dpo_on_a_vlm_keeps_the_vision_side(tmp_path, family):
     np.testing.assert_array_equal(out[p], base[p], err_msg=p)
   moved = [p for p in base if p.endswith("self_attn/q/kernel") and p.startswith("language_model/")]
   assert moved and all(np.abs(out[p] - base[p]).max() > 0 for p in moved)
-  # The job writes the PEFT adapter for VLMs too, under transformers' runtime module names
-  # (tests/test_lora_peft_vlm.py loads such an adapter with peft).
+  # The job writes the PEFT adapter for VLMs too, under transformers' runtime module names; so does
+  # `jax-to-hf --peft` from the run's checkpoint. Loaded with peft onto the HF export of the base, it
+  # gives the logits of the merged WORKDIR/model exported with jax-to-hf.
   with open(work / "peft" / "adapter_config.json") as f:
     targets = json.load(f)["target_modules"]
   assert targets.count("language_model") == 7 * len(moved)
+  from jaxdpo.cli import convert as convert_cli
+  assert convert_cli.main(["jax-to-hf", "--peft", "--ckpt", str(work), "--out", str(tmp_path / "cli-peft")]) == 0
+  io.jax_to_hf_dir(ck, str(tmp_path / "base-hf"))
+  io.jax_to_hf_dir(str(work / "model"), str(tmp_path / "merged-hf"))
+  import torch
+  import transformers
+  from peft import PeftModel
+  cls = getattr(transformers, {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                               "gemma3": "Gemma3ForConditionalGeneration"}[family])
+  load = lambda d: cls.from_pretrained(str(d), attn_implementation="eager").eval()
+  peft_model = PeftModel.from_pretrained(load(tmp_path / "base-hf"), str(tmp_path / "cli-peft")).eval()
+  ids = torch.tensor(np.random.default_rng(0).integers(1, 200, (2, 11)))
+  with torch.no_grad():
+    got, want = peft_model(input_ids=ids).logits.numpy(), load(tmp_path / "merged-hf")(input_ids=ids).logits.numpy()
+  err = float(np.abs(got - want).max() / np.abs(want).max())
+  print(f"{family}: jax-to-hf --peft on the base vs the job's merged model: {err:.2e}")
+  assert err < 1e-5
