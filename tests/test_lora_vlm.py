@@ -1,11 +1,13 @@
-"""LoRA DPO on the VLMs (issue 13, acceptance 5 without resume): `python -m jaxdpo.main` on tiny
-Qwen2.5-VL and Gemma 3 checkpoints with image records, `lora.rank=4`, `model.trainable=language`: the loss
-falls and the exported (merged) model's vision tower and projector are bit-identical to the base's."""
+"""LoRA DPO on the VLMs (issue 13, acceptance 5): `python -m jaxdpo.main` on tiny Qwen2.5-VL and Gemma 3
+checkpoints with image records, `lora.rank=4`, `model.trainable=language`: the loss falls, the exported
+(merged) model's vision tower and projector are bit-identical to the base's, and a run stopped after 2 steps
+and resumed ends bit-identical (params, optimizer state, metrics) to the uninterrupted 4-step run."""
 
 import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -16,26 +18,41 @@ import _vision_job_helpers as VH
 from jaxdpo.models import io
 from jaxdpo.models import trainable as trainable_lib
 from tests._dpo_helpers import read_metrics
+from tests.test_resume import _final_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 4  # steps; 4 records at batch 2, so the resumed half starts a new epoch of the data order
+
+
+def _dpo(work, ck, prefs, *extra):
+  """Runs the LoRA DPO job of this file through `python -m jaxdpo.main`; returns the CompletedProcess."""
+  cmd = [sys.executable, "-m", "jaxdpo.main", "--config", os.path.join(ROOT, "configs", "tiny_vl.py:dpo"),
+         "--workdir", str(work), "--config.train.progress=False", "--config.mesh.data=1",
+         f"--config.model.checkpoint={ck}", f"--config.data.tokenizer={ck}/tokenizer", f"--config.data.train={prefs}",
+         "--config.lora.rank=4", "--config.model.trainable=language", "--config.optim.lr=1e-2",
+         "--config.optim.warmup_steps=0", "--config.train.log_every=1", f"--config.train.num_steps={N}",
+         "--config.train.ckpt_every=2", *extra]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "gemma3"])
+def vlm_run(request, tmp_path_factory):
+  """The uninterrupted N-step LoRA DPO run of one family, shared by the tests below."""
+  root = tmp_path_factory.mktemp(request.param)
+  ck, _ = VH.build_checkpoint(request.param, str(root), seed=1)
+  _, _, prefs = VH.vision_records(str(root / "data"), n=4, seed=0)
+  work = root / "dpo"
+  r = _dpo(work, ck, prefs)
+  assert r.returncode == 0, r.stderr[-4000:]
+  return types.SimpleNamespace(family=request.param, root=root, ck=ck, prefs=prefs, work=work)
 
 
 def _flat(tree):
   return {trainable_lib.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
-def test_lora_dpo_on_a_vlm_keeps_the_vision_side(tmp_path, family):
-  ck, _ = VH.build_checkpoint(family, str(tmp_path), seed=1)
-  _, _, prefs = VH.vision_records(str(tmp_path / "data"), n=4, seed=0)
-  work = tmp_path / "dpo"
-  cmd = [sys.executable, "-m", "jaxdpo.main", "--config", os.path.join(ROOT, "configs", "tiny_vl.py:dpo"),
-         "--workdir", str(work), "--config.train.progress=False", "--config.mesh.data=1",
-         f"--config.model.checkpoint={ck}", f"--config.data.tokenizer={ck}/tokenizer", f"--config.data.train={prefs}",
-         "--config.lora.rank=4", "--config.model.trainable=language", "--config.optim.lr=1e-2",
-         "--config.optim.warmup_steps=0", "--config.train.log_every=1", "--config.train.num_steps=4"]
-  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stderr[-4000:]
+def test_lora_dpo_on_a_vlm_keeps_the_vision_side(vlm_run):
+  family, ck, work, tmp_path = vlm_run.family, vlm_run.ck, vlm_run.work, vlm_run.root
   logged = [m for m in read_metrics(str(work)) if "loss" in m]
   assert logged[0]["rewards/margins"] == 0.0 and logged[-1]["loss"] < logged[0]["loss"] - 1e-3
   fam, _, _, base = io.load_model(ck)
@@ -71,3 +88,34 @@ def test_lora_dpo_on_a_vlm_keeps_the_vision_side(tmp_path, family):
   err = float(np.abs(got - want).max() / np.abs(want).max())
   print(f"{family}: jax-to-hf --peft on the base vs the job's merged model: {err:.2e}")
   assert err < 1e-5
+
+
+def test_lora_dpo_on_a_vlm_resumes_bit_identically(vlm_run):
+  split = vlm_run.root / "split"
+  r1 = _dpo(split, vlm_run.ck, vlm_run.prefs, f"--config.train.stop_at_step={N // 2}")
+  assert r1.returncode == 0, r1.stderr[-4000:]
+  assert [m["step"] for m in read_metrics(split) if "loss" in m] == list(range(1, N // 2 + 1))
+  r2 = _dpo(split, vlm_run.ck, vlm_run.prefs)
+  assert r2.returncode == 0, r2.stderr[-4000:]
+  assert "resumed from" in r2.stderr
+
+  a, b = _final_state(vlm_run.work, N), _final_state(split, N)
+  assert int(a["step"]) == int(b["step"]) == N
+  pa, pb = _flat(a["params"]), _flat(b["params"])
+  assert pa.keys() == pb.keys() and pa
+  for p in pa:
+    np.testing.assert_array_equal(pa[p], pb[p], err_msg=p)
+  oa, ob = _flat(a["opt_state"]), _flat(b["opt_state"])
+  assert oa.keys() == ob.keys() and oa
+  for p in oa:
+    np.testing.assert_array_equal(oa[p], ob[p], err_msg=p)
+  # Adam's moments cover the language-model adapters only (no vision or base leaf has optimizer state).
+  adapters = [x for p, x in pa.items() if "lora_" in p]
+  assert adapters and not [p for p in pa if "lora_" in p and not p.startswith("language_model/")]
+  assert sum(x.size for x in oa.values() if x.size > 1) == 2 * sum(x.size for x in adapters)
+  ma, mb = read_metrics(vlm_run.work), read_metrics(split)
+  assert [m["step"] for m in mb if "loss" in m] == list(range(1, N + 1))  # no step repeated or missing
+  assert ma == mb
+  # Training moved the loss across the resume point (otherwise equality would be vacuous).
+  logged = [m["loss"] for m in ma if "loss" in m]
+  assert logged[-1] != logged[N // 2 - 1]
