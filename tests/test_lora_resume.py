@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from tests._dpo_helpers import read_metrics, run_main
-from tests.test_resume import _final_state
+from tests._multihost_helpers import final_state
 
 N = 4
 COMMON = [f"--config.train.num_steps={N}", "--config.train.log_every=1", "--config.train.ckpt_every=2",
@@ -25,7 +25,7 @@ def test_lora_resume_is_bit_identical(tmp_path):
   assert r2.returncode == 0, r2.stderr[-3000:]
   assert "resumed from" in r2.stderr
 
-  a, b = _final_state(full, N), _final_state(split, N)
+  a, b = final_state(full, N), final_state(split, N)
   for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
     np.testing.assert_array_equal(x, y)
   opt_a = jax.tree.leaves(a["opt_state"])

@@ -18,7 +18,7 @@ import _vision_job_helpers as VH
 from jaxdpo.models import io
 from jaxdpo.models import trainable as trainable_lib
 from tests._dpo_helpers import read_metrics
-from tests.test_resume import _final_state
+from tests._multihost_helpers import final_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 4  # steps; 4 records at batch 2, so the resumed half starts a new epoch of the data order
@@ -99,7 +99,7 @@ def test_lora_dpo_on_a_vlm_resumes_bit_identically(vlm_run):
   assert r2.returncode == 0, r2.stderr[-4000:]
   assert "resumed from" in r2.stderr
 
-  a, b = _final_state(vlm_run.work, N), _final_state(split, N)
+  a, b = final_state(vlm_run.work, N), final_state(split, N)
   assert int(a["step"]) == int(b["step"]) == N
   pa, pb = _flat(a["params"]), _flat(b["params"])
   assert pa.keys() == pb.keys() and pa

@@ -4,19 +4,13 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from tests._dpo_helpers import read_metrics, run_main
+from tests._multihost_helpers import final_state
 
 N = 8
 COMMON = [f"--config.train.num_steps={N}", "--config.train.log_every=1", "--config.train.ckpt_every=2",
           "--config.train.batch_size=4", "--config.mesh.data=1", "--config.optim.warmup_steps=2"]
-
-
-def _final_state(workdir, step):
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.abspath(path))
 
 
 def test_resume_gives_identical_parameters_and_metrics(tmp_path):
@@ -31,7 +25,7 @@ def test_resume_gives_identical_parameters_and_metrics(tmp_path):
   assert r2.returncode == 0, r2.stderr[-3000:]
   assert "resumed from" in r2.stderr
 
-  a, b = _final_state(full, N), _final_state(split, N)
+  a, b = final_state(full, N), final_state(split, N)
   assert int(a["step"]) == int(b["step"]) == N
   leaves_a, leaves_b = jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])
   assert len(leaves_a) == len(leaves_b) > 0
