@@ -147,12 +147,14 @@ def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, p
     batches = [({**b, "ref_logps": np.asarray(fn(params, shd.put_batch(b, mesh)))}, u) for b, u in batches]
   step_fn = update.make_train_step(step_lib.objective(graphdef, scfg), tx, mesh, state_sh,
                                    None if ref is None else p_sh, schedule, grad_accum=scfg.grad_accum)
-  times = []
+  times, first_step_s = [], None
   for i, (b, _) in enumerate(batches):
     b = shd.put_batch(b, mesh)
     t0 = time.perf_counter()
     state, metrics = step_fn(state, ref, b)
     jax.block_until_ready(metrics)
+    if i == 0:
+      first_step_s = time.perf_counter() - t0  # compile + one step
     if i >= warmup:
       times.append(time.perf_counter() - t0)
   sec = float(np.mean(times))
@@ -163,7 +165,7 @@ def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, p
   return {"impl": "jaxdpo", "workload": workload, "backend": jax.default_backend(),
           "device": jax.devices()[0].device_kind, "batch": batch, "reference": reference,
           "param_dtype": param_dtype, "compute_dtype": compute_dtype, "params": n_params, "step_s_mean": sec,
-          "steps_timed": len(times), "pairs_per_s": batch / sec, "tokens_per_s": useful / sec,
+          "steps_timed": len(times), "first_step_s": first_step_s, "pairs_per_s": batch / sec, "tokens_per_s": useful / sec,
           "mfu_vs_peak": flops / sec / (peak_tflops * 1e12),
           "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None, "loss": float(metrics["loss"])}
 
@@ -200,10 +202,28 @@ def main(argv=None) -> int:
   ap.add_argument("--peak-tflops", type=float, default=989.0)
   ap.add_argument("--peer-json", help="JSON lines printed by the peer script on this machine")
   ap.add_argument("--run-peer", help="path of shared/bench/trl_dpo_peer.py, to run it here first")
+  ap.add_argument("--suite", action="store_true",
+                  help="jaxdpo and the peer (--run-peer) on every workload of --workloads, each in its own process; "
+                       "one JSON line per run and a ratio table (jaxdpo.cli.bench_suite)")
+  ap.add_argument("--workloads", default="uniform-1k,ocr-2k,uniform-1k-gemma",
+                  help="--suite: comma-separated workloads")
+  ap.add_argument("--run-timeout", type=float, default=300.0, help="--suite: seconds allowed per run")
   ap.add_argument("--analyze", action="store_true",
                   help="AOT-compile the step without allocating; print xla_flops, useful_flops, work_ratio, "
                        "planned_peak_gb, compile_s")
   args = ap.parse_args(argv)
+  if args.suite:
+    from jaxdpo.cli import bench_suite
+    names = tuple(n.strip() for n in args.workloads.split(",") if n.strip())
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+      ap.error(f"--workloads: unknown {unknown}; choose from {sorted(WORKLOADS)}")
+    bench_suite.run_suite(bench_suite.SuiteConfig(
+        workloads=names, steps=args.steps, warmup=args.warmup, batch=args.batch, reference=args.reference,
+        peer_script=args.run_peer, timeout_s=args.run_timeout,
+        extra_args=("--param-dtype", args.param_dtype, "--compute-dtype", args.compute_dtype,
+                    "--logprob-chunk", str(args.logprob_chunk), "--peak-tflops", str(args.peak_tflops))))
+    return 0
   if args.analyze:
     from jaxdpo.cli import bench_analyze
     print(json.dumps(bench_analyze.analyze(args.workload, batch=args.batch, reference=args.reference,
