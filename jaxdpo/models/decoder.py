@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdpo.models import layers
+from jaxdpo.models import attention, layers
 
 
 class DecoderStack(nnx.Module):
@@ -85,10 +85,11 @@ class DecoderStack(nnx.Module):
   def hidden_states(self, inputs: dict):
     """The family-neutral entry used by DPO/SFT steps: inputs dict -> hidden [B, T, D].
 
-    Keys: `input_ids`, `positions`, `segment_ids` (all int [B, T]).
+    Keys: `input_ids`, `positions`, `segment_ids` (all int [B, T]); prefix-shared rows add
+    `attn_order` and `attn_branch` (`attention.from_inputs`).
     """
     h_BTD, _ = self(input_ids=inputs["input_ids"], positions=inputs["positions"],
-                    segment_ids=inputs["segment_ids"])
+                    segment_ids=inputs["segment_ids"], structure=attention.from_inputs(inputs))
     return h_BTD
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxdpo.models import attention
 
 Initializer = jax.nn.initializers.Initializer
 
@@ -225,58 +226,11 @@ def apply_rope(x_BTNH, cos_BTH, sin_BTH):
 # Attention
 
 
-def attention_mask(q_segment_ids, kv_segment_ids, q_index=None, kv_index=None, *, causal: bool = True,
-                   sliding_window: int | None = None, bidirectional_q=None, bidirectional_kv=None):
-  """Boolean attention mask [B, T, S] built from explicit segment ids and token indices.
-
-  Padding is segment 0 and is never attended to. Masks never look at token ids, because pad
-  can equal EOS.
-
-  Args:
-    q_segment_ids, kv_segment_ids: int [B, T], [B, S]; equal non-zero ids may attend.
-    q_index, kv_index: int [B, T], [B, S] order of tokens (cache slot / position in the row),
-      used for causality and sliding windows. Default: arange.
-    causal: keys must not come after queries.
-    sliding_window: if set, keys must satisfy q_index - kv_index < sliding_window (applied
-      after the bidirectional groups, so it also bounds them).
-    bidirectional_q, bidirectional_kv: optional int [B, T], [B, S] group ids (0 = none);
-      tokens in the same non-zero group see each other regardless of causality (Gemma 3 image
-      tokens).
-
-  Returns:
-    bool [B, T, S].
-  """
-  b, t = q_segment_ids.shape
-  s = kv_segment_ids.shape[1]
-  if q_index is None:
-    q_index = jnp.broadcast_to(jnp.arange(t), (b, t))
-  if kv_index is None:
-    kv_index = jnp.broadcast_to(jnp.arange(s), (b, s))
-  mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
-  order = jnp.ones_like(mask)
-  if causal:
-    order = kv_index[:, None, :] <= q_index[:, :, None]
-  if bidirectional_q is not None:
-    same_group = (bidirectional_q[:, :, None] == bidirectional_kv[:, None, :]) & (bidirectional_q[:, :, None] != 0)
-    order = order | same_group
-  if sliding_window is not None:
-    # After the bidirectional OR, as transformers composes Gemma 3's local mask:
-    # AND(window, OR(causal, same image)). A group longer than the window is cut by it.
-    order = order & (q_index[:, :, None] - kv_index[:, None, :] < sliding_window)
-  return mask & order
-
-
-def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float,
-                          implementation: Literal["xla", "cudnn"] | None = None):
-  """Grouped-query attention through `jax.nn.dot_product_attention`.
-
-  One function for text, vision and sliding-window attention so that a faster backend
-  (cuDNN on GPU) benefits every caller. Softmax runs in fp32 for fp32 inputs; for bf16 inputs
-  XLA and cuDNN accumulate in fp32 internally.
-  """
-  mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
-  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, scale=scale,
-                                      implementation=implementation)
+# `attention_mask` builds the reference mask of a structure; `dot_product_attention` runs a
+# `attention.Structure` (or a raw mask, or None) on the requested backend. Both live in
+# `jaxdpo.models.attention`; they are re-exported here because every family calls them as layers.
+attention_mask = attention.attention_mask
+dot_product_attention = attention.attend
 
 
 def write_kv_cache(cache, k_BTKH, v_BTKH, cache_index):

@@ -17,12 +17,14 @@ layers AND(window, OR(causal, same image)); padding (segment 0) is never attende
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdpo.models import decoder, layers
+from jaxdpo.models import attention, decoder, layers
 from jaxdpo.models.gemma3.config import FULL, SLIDING, Gemma3TextConfig
 
 
@@ -62,7 +64,7 @@ class Attention(nnx.Module):
     self.attention_impl = attention_impl
 
   @layers.scoped("attention")
-  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None):
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, attn, cache=None, cache_index=None):
     q_BTNH = layers.apply_rope(self.q_norm(self.q(x_BTD)), cos_BTH, sin_BTH)
     k_BTKH = layers.apply_rope(self.k_norm(self.k(x_BTD)), cos_BTH, sin_BTH)
     v_BTKH = self.v(x_BTD)
@@ -81,7 +83,7 @@ class Attention(nnx.Module):
     elif cache is not None:
       # Global layers: attend over the whole cache; the mask decides which slots count.
       new_cache, k_BTKH, v_BTKH = layers.write_kv_cache(cache, k_BTKH, v_BTKH, cache_index)
-    out_BTNH = layers.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, scale=self.scale,
+    out_BTNH = layers.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, attn, scale=self.scale,
                                             implementation=self.attention_impl)
     return self.o(out_BTNH), new_cache
 
@@ -100,8 +102,9 @@ class DecoderBlock(nnx.Module):
                                dtype=dtype)
     self.post_feedforward_layernorm = norm()
 
-  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None):
-    attn_BTD, new_cache = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS, cache,
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, attn, cache=None, cache_index=None):
+    """`attn`: the `attention.Structure` of this block's layer kind (a pytree)."""
+    attn_BTD, new_cache = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, attn, cache,
                                          cache_index)
     x_BTD = x_BTD + self.post_attention_layernorm(attn_BTD)
     x_BTD = x_BTD + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x_BTD)))
@@ -150,16 +153,16 @@ class Gemma3TextModel(decoder.DecoderStack):
     return {kind: layers.rope_cos_sin(positions_BT, inv) for kind, inv in inv_freq.items()}
 
   def masks(self, q_segment_ids, kv_segment_ids, q_index=None, kv_index=None, groups_q=None, groups_kv=None):
-    """Boolean masks [B, T, S] for both layer kinds."""
-    kw = dict(bidirectional_q=groups_q, bidirectional_kv=groups_kv) if groups_q is not None else {}
-    return {
-        FULL: layers.attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, **kw),
-        SLIDING: layers.attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index,
-                                       sliding_window=self.config.sliding_window, **kw),
-    }
+    """Attention structures (`attention.Structure`, layout ANY) for both layer kinds."""
+    full = attention.Structure(q_segment_ids, kv_segment_ids, q_index, kv_index, groups_q, groups_kv)
+    return self.kind_structures(full)
+
+  def kind_structures(self, full: attention.Structure) -> dict:
+    """{layer kind: structure}: global layers take `full`, local ones add the sliding window."""
+    return {FULL: full, SLIDING: full.windowed(self.config.sliding_window)}
 
   def __call__(self, *, positions, segment_ids, input_ids=None, inputs_embeds=None, image_groups_BT=None,
-               masks=None, kv_cache=None, cache_index=None):
+               structure=None, masks=None, kv_cache=None, cache_index=None):
     """Runs the decoder.
 
     Args:
@@ -168,8 +171,10 @@ class Gemma3TextModel(decoder.DecoderStack):
       input_ids: int [B, T]; exclusive with `inputs_embeds`.
       inputs_embeds: [B, T, D], already scaled (e.g. from `embed`, with image features spliced).
       image_groups_BT: optional int [B, T] bidirectional groups (see `image_groups`).
-      masks: optional {layer kind: bool [B, T, S]} overriding the masks built from
-        `segment_ids` (generation passes masks that span the cache).
+      structure: optional `attention.Structure` of the global layers, without groups (prefix-shared
+        rows pass their branches); default: the causal structure of `segment_ids`.
+      masks: optional {layer kind: `attention.Structure`} overriding both (generation passes
+        structures that span the cache).
       kv_cache: optional list of per-layer (k, v): [B, S, K, H] on global layers, a ring buffer
         [B, W', K, H] on local layers (see the generation protocol below).
       cache_index: int scalar, the cache slot of this call's first token.
@@ -180,7 +185,10 @@ class Gemma3TextModel(decoder.DecoderStack):
     x_BTD = decoder.embed_or_pass(self, input_ids, inputs_embeds)
     rope = self.rope_tables(positions)
     if masks is None:
-      masks = self.masks(segment_ids, segment_ids, groups_q=image_groups_BT, groups_kv=image_groups_BT)
+      full = attention.self_attention(segment_ids) if structure is None else structure
+      if image_groups_BT is not None:
+        full = dataclasses.replace(full, q_groups=image_groups_BT, kv_groups=image_groups_BT)
+      masks = self.kind_structures(full)
     def block_inputs(block):
       kind = block.self_attn.layer_type
       return (*rope[kind], masks[kind])
@@ -238,8 +246,7 @@ class Gemma3TextModel(decoder.DecoderStack):
       groups_ring = jnp.concatenate([jnp.zeros((b, min(self.config.sliding_window, s)), jnp.int32), groups_q], 1)
     # Global layers: the whole cache.
     kv_index_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    full = layers.attention_mask(q_seg_BT, kv_seg_BS, q_index_BT, kv_index_BS, bidirectional_q=groups_q,
-                                 bidirectional_kv=groups_kv)
+    full = attention.Structure(q_seg_BT, kv_seg_BS, q_index_BT, kv_index_BS, groups_q, groups_kv)
     # Local layers: the ring as it was, then this call's tokens. Ring slot j holds the newest
     # slot a < index with a % W' == j (none yet when a < 0).
     w = min(self.config.sliding_window, s)
@@ -248,9 +255,8 @@ class Gemma3TextModel(decoder.DecoderStack):
     ring_seg_BW = jnp.where(ring_index >= 0, jnp.take(old_seg_BS, jnp.maximum(ring_index, 0), axis=1), 0)
     local_index_BS = jnp.broadcast_to(jnp.concatenate([ring_index, index + jnp.arange(t, dtype=jnp.int32)]),
                                       (b, w + t))
-    local = layers.attention_mask(q_seg_BT, jnp.concatenate([ring_seg_BW, seg_BT], axis=1), q_index_BT,
-                                  local_index_BS, sliding_window=self.config.sliding_window,
-                                  bidirectional_q=groups_q, bidirectional_kv=groups_ring)
+    local = attention.Structure(q_seg_BT, jnp.concatenate([ring_seg_BW, seg_BT], axis=1), q_index_BT, local_index_BS,
+                                groups_q, groups_ring, sliding_window=self.config.sliding_window)
     h_BTD, kv = self(positions=positions, segment_ids=seg_BT, input_ids=input_ids, inputs_embeds=inputs_embeds,
                      masks={FULL: full, SLIDING: local}, kv_cache=cache["kv"], cache_index=index)
     return h_BTD, dict(cache, kv=kv, index=index + t, segment_ids=kv_seg_BS)

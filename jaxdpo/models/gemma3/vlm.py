@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdpo.models import decoder
+from jaxdpo.models import attention, decoder
 from jaxdpo.models.gemma3.config import Gemma3Config
 from jaxdpo.models.gemma3.model import Gemma3TextModel, image_groups
 from jaxdpo.models.gemma3.projector import MultiModalProjector
@@ -84,7 +84,8 @@ class Gemma3VLM(decoder.LanguageModelHead, nnx.Module):
     """
     x_BTD, groups_BT = self.embed_inputs(inputs)
     h_BTD, _ = self.language_model(inputs_embeds=x_BTD, positions=inputs["positions"],
-                                   segment_ids=inputs["segment_ids"], image_groups_BT=groups_BT)
+                                   segment_ids=inputs["segment_ids"], image_groups_BT=groups_BT,
+                                   structure=attention.from_inputs(inputs))
     return h_BTD
 
   # Head and generation: the text model's (`decoder.LanguageModelHead`); images only enter through the prompt.

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdpo.models import decoder, layers
+from jaxdpo.models import attention, decoder, layers
 from jaxdpo.models.qwen2_5_vl.config import Qwen2TextConfig
 
 
@@ -30,14 +30,14 @@ class Attention(nnx.Module):
     self.attention_impl = attention_impl
 
   @layers.scoped("attention")
-  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None):
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, attn, cache=None, cache_index=None):
     q_BTNH = layers.apply_rope(self.q(x_BTD), cos_BTH, sin_BTH)
     k_BTKH = layers.apply_rope(self.k(x_BTD), cos_BTH, sin_BTH)
     v_BTKH = self.v(x_BTD)
     new_cache = None
     if cache is not None:
       new_cache, k_BTKH, v_BTKH = layers.write_kv_cache(cache, k_BTKH, v_BTKH, cache_index)
-    out_BTNH = layers.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, scale=self.scale,
+    out_BTNH = layers.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, attn, scale=self.scale,
                                             implementation=self.attention_impl)
     return self.o(out_BTNH), new_cache
 
@@ -52,8 +52,9 @@ class DecoderBlock(nnx.Module):
     self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.hidden_act, rngs=rngs,
                                dtype=dtype)
 
-  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache=None, cache_index=None):
-    attn_BTD, new_cache = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS, cache,
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, attn, cache=None, cache_index=None):
+    """`attn`: the `attention.Structure` of this call (a pytree, the same for every block)."""
+    attn_BTD, new_cache = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, attn, cache,
                                          cache_index)
     x_BTD = x_BTD + attn_BTD
     x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
@@ -78,18 +79,18 @@ class Qwen2Decoder(decoder.DecoderStack):
     """Token embeddings [B, T, D] in the parameter dtype."""
     return jnp.take(self.embed_tokens[...], ids_BT, axis=0)
 
-  def __call__(self, *, positions, segment_ids, input_ids=None, inputs_embeds=None, attn_mask=None,
+  def __call__(self, *, positions, segment_ids, input_ids=None, inputs_embeds=None, structure=None,
                kv_cache=None, cache_index=None):
     """Runs the decoder.
 
     Args:
       positions: int [B, T] (1D RoPE) or [3, B, T] (M-RoPE) rotary positions.
-      segment_ids: int [B, T]; 0 marks padding. Used to build the causal mask when
-        `attn_mask` is not given.
+      segment_ids: int [B, T]; 0 marks padding. Gives the causal structure when `structure` is
+        not given.
       input_ids: int [B, T]; exclusive with `inputs_embeds`.
       inputs_embeds: [B, T, D] (e.g. text embeddings with image features spliced in).
-      attn_mask: optional bool [B, T, S] overriding the mask built from `segment_ids`
-        (generation passes one that spans the cache).
+      structure: optional `attention.Structure` overriding the one of `segment_ids` (prefix-shared
+        rows pass their branches; generation passes one that spans the cache).
       kv_cache: optional list of per-layer (k [B, S, K, H], v [B, S, K, H]).
       cache_index: int scalar, where this call's keys/values are written in the cache.
 
@@ -99,9 +100,9 @@ class Qwen2Decoder(decoder.DecoderStack):
     x_BTD = decoder.embed_or_pass(self, input_ids, inputs_embeds)
     cos_BTH, sin_BTH = layers.rope_cos_sin(
         positions, layers.rope_inv_freq(self.config.head_size, self.config.rope_theta), self.config.mrope_section)
-    if attn_mask is None:
-      attn_mask = layers.attention_mask(segment_ids, segment_ids)
-    return self.run_blocks(x_BTD, lambda _: (cos_BTH, sin_BTH, attn_mask), kv_cache, cache_index)
+    if structure is None:
+      structure = attention.self_attention(segment_ids)
+    return self.run_blocks(x_BTD, lambda _: (cos_BTH, sin_BTH, structure), kv_cache, cache_index)
 
   # --------------------------------------------------------------------------------------------
   # Generation protocol (see `jaxdpo.generation.decode`): left-padded prompts, a preallocated KV cache.
@@ -141,8 +142,8 @@ class Qwen2Decoder(decoder.DecoderStack):
     kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
     q_index = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
     kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    mask = layers.attention_mask(segment_ids, kv_segments, q_index, kv_index)
-    h_BTD, kv = self(positions=positions, segment_ids=segment_ids, inputs_embeds=x_BTD, attn_mask=mask,
+    st = attention.Structure(segment_ids, kv_segments, q_index, kv_index)
+    h_BTD, kv = self(positions=positions, segment_ids=segment_ids, inputs_embeds=x_BTD, structure=st,
                      kv_cache=cache["kv"], cache_index=index)
     return h_BTD, dict(cache, kv=kv, index=index + t, segment_ids=kv_segments)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdpo.models import decoder
+from jaxdpo.models import attention, decoder
 from jaxdpo.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from jaxdpo.models.qwen2_5_vl.model import Qwen2Decoder, text_positions
 from jaxdpo.models.qwen2_5_vl.vision import VisionTower
@@ -109,7 +109,7 @@ class Qwen2_5_VL(decoder.LanguageModelHead, nnx.Module):
   def hidden_states(self, inputs: dict):
     """The family-neutral entry used by DPO/SFT steps: inputs dict (see module doc) -> [B, T, D]."""
     h_BTD, _ = self.language_model(positions=self._positions(inputs), segment_ids=inputs["segment_ids"],
-                                   inputs_embeds=self.embed(inputs))
+                                   inputs_embeds=self.embed(inputs), structure=attention.from_inputs(inputs))
     return h_BTD
 
   # Head and generation: the decoder's (`decoder.LanguageModelHead`). Its `next_positions` carries
