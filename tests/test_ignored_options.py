@@ -59,3 +59,38 @@ def test_sft_scores_held_out_data_and_degeneration(tmp_path):
   # The policy moved between the two evals, so the held-out loss is recomputed, not cached.
   assert evals[0]["eval/loss"] != evals[1]["eval/loss"]
   assert 0.0 <= last["eval/degeneration_rate"] <= 1.0 and "eval/hit_limit_rate" in last
+
+
+def test_remat_and_scan_layers_reach_the_step_and_bad_values_are_refused():
+  """train.remat / train.scan_layers: the DPO and SFT steps and the memory planner run with them."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from jaxdpo.jobs import common
+  from jaxdpo.jobs import dpo as dpo_job
+  from jaxdpo.jobs import validate
+  from jaxdpo.models import decoder, registry
+  from jaxdpo.objectives import dpo_step
+  from tests._dpo_helpers import demo_config
+
+  config = demo_config(**{"train.remat": "save_qkv_proj", "train.scan_layers": True})
+  validate.check(config)
+  family = registry.get_family(config.model.family)
+  scfg = dpo_job.step_config(config, family)
+  assert scfg.blocks == decoder.BlockPlan(remat="save_qkv_proj", scan=True)
+  assert common.compute_settings(config, family)["blocks"] == scfg.blocks  # the SFT step's settings too
+  run = dpo_job.memory_run(config)
+  assert (run.remat, run.scan_layers) == ("save_qkv_proj", True)
+  # The traced step holds the scan and the checkpointed blocks.
+  model = family.build(family.presets[config.model.preset](), nnx.Rngs(0), jnp.float32, "xla")
+  graphdef, params = nnx.split(model, nnx.Param)
+  t = 8
+  batch = {k: jnp.ones((1, 2, t), jnp.int32) for k in dpo_step.PAIR_KEYS}
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: dpo_step.pair_logps(graphdef, p, batch, scfg)[0].sum()))(params))
+  assert "scan[" in jaxpr and "SaveOnlyTheseNames" in jaxpr and "'q_proj'" in jaxpr
+  plain = dpo_job.step_config(demo_config(), family)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: dpo_step.pair_logps(graphdef, p, batch, plain)[0].sum()))(params))
+  assert "scan[" not in jaxpr and "SaveOnlyTheseNames" not in jaxpr  # the defaults: the plain loop
+  with pytest.raises(ConfigError, match=r"config\.train\.remat='dots': expected one of 'none', 'full'.*'save_qkv_proj'"):
+    validate.check(demo_config(**{"train.remat": "dots"}))

@@ -9,6 +9,7 @@ import os
 import jax
 import numpy as np
 import pytest
+import dataclasses
 
 from jaxdpo.parallel import memory
 from jaxdpo.jobs import model_setup
@@ -143,3 +144,33 @@ def test_job_refuses_a_run_that_cannot_fit(tmp_path):
   assert "--config.mesh.fsdp=8" in r.stderr and "--config.dpo.reference=cached" in r.stderr
   assert "memory plan per device (eval_shape, 8 devices, fsdp=1)" in r.stderr
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_planner_counts_each_remat_policy_and_the_scan_copy():
+  """train.remat: what each policy keeps per layer, ordered as `saved_residuals` orders them
+  (tests/test_remat_scan.py); train.scan_layers adds one stacked compute-dtype copy of the layers."""
+  from jaxdpo.models import remat
+  config = _config("qwen2_5_vl_3b_dpo")
+  mesh = shd.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  base = dpo_job.memory_run(config)
+  plans = {name: memory.plan_dpo(dataclasses.replace(base, remat=name, scan_layers=False), mesh) for name in remat.POLICIES}
+  order = ("none", "dots_saveable", "dots_no_batch", "save_attn", "save_qkv_proj", "full")
+  acts = [plans[n].activations for n in order]
+  assert acts == sorted(acts, reverse=True) and len(set(acts)) == len(acts), acts
+  # Full remat: one [T, D] block input per layer and token, plus one layer's full set during its backward.
+  cfg = base.model_cfg.text
+  rows = 2 * config.train.batch_size // 8
+  tokens = rows * config.data.max_length
+  logits = rows * config.train.logprob_chunk * cfg.vocab_size * 4
+  one_layer = plans["none"].activations - logits
+  assert one_layer % cfg.num_layers == 0
+  assert plans["full"].activations == tokens * 2 * cfg.hidden_size * cfg.num_layers + one_layer // cfg.num_layers + logits
+  scanned = memory.plan_dpo(dataclasses.replace(base, remat="full", scan_layers=True), mesh)
+  # By hand: kernels split 8 ways on their embed dim (fsdp), biases and norms whole; bf16; the
+  # vision tower (not scanned) is not counted.
+  d, n, k, h, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.intermediate_size
+  kernels, small = 2 * d * n * h + 2 * d * k * h + 3 * d * f, n * h + 2 * k * h + 2 * d
+  layers_bf16 = cfg.num_layers * (kernels // 8 + small) * 2
+  assert scanned.activations - plans["full"].activations == layers_bf16
+  assert "--config.train.remat=full" in " ".join(memory.advice(plans["none"]))
+  assert not any("train.remat" in tip for tip in memory.advice(plans["full"]))

@@ -40,7 +40,7 @@ from jaxdpo.train import update
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.objectives import dpo_losses as losses
 from jaxdpo.objectives import dpo_step as step_lib
-from jaxdpo.models import io, registry
+from jaxdpo.models import decoder, io, registry, remat
 from jaxdpo.models.qwen2_5_vl.config import Qwen2TextConfig, qwen2_5_3b_text
 
 
@@ -117,8 +117,21 @@ def model_flops_per_token(n_params: int, n_embed: int, cfg, seq: int) -> float:
   return 2 * (n_params - n_embed) + 2 * cfg.vocab_size * d + 2 * layers * seq * d
 
 
+TINY = ("tiny", "ocr-tiny")
+# Full remat: the bench's 8 pairs of 1k-2k tokens keep 49-118 GB of activations without it (issue 17),
+# over the 80 GB goal; full recompute keeps one [T, D] input per layer.
+DEFAULT_REMAT = "full"
+
+
+def block_plan(workload: str, remat_policy: str, scan_layers: str) -> decoder.BlockPlan:
+  """The bench's block plan: `--scan-layers auto` scans the full-size workloads and not the tiny ones
+  (a 2-layer model has nothing to gain from a loop)."""
+  scan = scan_layers == "on" or (scan_layers == "auto" and workload not in TINY)
+  return decoder.BlockPlan(remat=remat_policy, scan=scan)
+
+
 def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, param_dtype: str,
-        compute_dtype: str, chunk: int, peak_tflops: float) -> dict:
+        compute_dtype: str, chunk: int, peak_tflops: float, blocks: decoder.BlockPlan = decoder.BlockPlan()) -> dict:
   w = WORKLOADS[workload]()
   fam = registry.get_family(w.family)
   cfg = w.model
@@ -135,7 +148,8 @@ def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, p
   ocfg = ConfigDict(dict(lr=1e-6, schedule="constant", warmup_steps=0, end_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
                          weight_decay=0.0, max_grad_norm=1.0))
   tx, schedule = optim.make_optimizer(ocfg, steps + warmup)
-  scfg = step_lib.StepConfig(loss=losses.DPOLossConfig(beta=0.1), compute_dtype=cdt, logprob_chunk=chunk)
+  scfg = step_lib.StepConfig(loss=losses.DPOLossConfig(beta=0.1), compute_dtype=cdt, logprob_chunk=chunk,
+                             blocks=blocks)
   state = {"step": train.scalar_state(0, mesh), "params": params, "opt_state": train.init_opt_state(tx, params, mesh)}
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   batches = synthetic_batches(w, batch, steps + warmup, cfg.vocab_size)
@@ -164,7 +178,8 @@ def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, p
   stats = jax.devices()[0].memory_stats() or {}
   return {"impl": "jaxdpo", "workload": workload, "backend": jax.default_backend(),
           "device": jax.devices()[0].device_kind, "batch": batch, "reference": reference,
-          "param_dtype": param_dtype, "compute_dtype": compute_dtype, "params": n_params, "step_s_mean": sec,
+          "param_dtype": param_dtype, "compute_dtype": compute_dtype, "remat": blocks.remat, "scan_layers": blocks.scan,
+          "params": n_params, "step_s_mean": sec,
           "steps_timed": len(times), "first_step_s": first_step_s, "pairs_per_s": batch / sec, "tokens_per_s": useful / sec,
           "mfu_vs_peak": flops / sec / (peak_tflops * 1e12),
           "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None, "loss": float(metrics["loss"])}
@@ -199,6 +214,10 @@ def main(argv=None) -> int:
   ap.add_argument("--param-dtype", default="float32")
   ap.add_argument("--compute-dtype", default="bfloat16")
   ap.add_argument("--logprob-chunk", type=int, default=256)
+  ap.add_argument("--remat", choices=remat.POLICIES, default=DEFAULT_REMAT,
+                  help="decoder-block remat policy (train.remat); see jaxdpo.models.remat")
+  ap.add_argument("--scan-layers", choices=("auto", "on", "off"), default="auto",
+                  help="scan over the decoder layers (train.scan_layers); auto: on except for the tiny workloads")
   ap.add_argument("--peak-tflops", type=float, default=989.0)
   ap.add_argument("--peer-json", help="JSON lines printed by the peer script on this machine")
   ap.add_argument("--run-peer", help="path of shared/bench/trl_dpo_peer.py, to run it here first")
@@ -222,17 +241,19 @@ def main(argv=None) -> int:
         workloads=names, steps=args.steps, warmup=args.warmup, batch=args.batch, reference=args.reference,
         peer_script=args.run_peer, timeout_s=args.run_timeout,
         extra_args=("--param-dtype", args.param_dtype, "--compute-dtype", args.compute_dtype,
-                    "--logprob-chunk", str(args.logprob_chunk), "--peak-tflops", str(args.peak_tflops))))
+                    "--logprob-chunk", str(args.logprob_chunk), "--peak-tflops", str(args.peak_tflops),
+                    "--remat", args.remat, "--scan-layers", args.scan_layers)))
     return 0
+  blocks = block_plan(args.workload, args.remat, args.scan_layers)
   if args.analyze:
     from jaxdpo.cli import bench_analyze
     print(json.dumps(bench_analyze.analyze(args.workload, batch=args.batch, reference=args.reference,
                                            param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
-                                           chunk=args.logprob_chunk)))
+                                           chunk=args.logprob_chunk, blocks=blocks)))
     return 0
   result = run(args.workload, steps=args.steps, warmup=args.warmup, batch=args.batch, reference=args.reference,
                param_dtype=args.param_dtype, compute_dtype=args.compute_dtype, chunk=args.logprob_chunk,
-               peak_tflops=args.peak_tflops)
+               peak_tflops=args.peak_tflops, blocks=blocks)
   peer = _peer(args, args.workload)
   if peer:
     result["peer"] = peer.get("peer")

@@ -4,14 +4,15 @@ The train step is compiled ahead of time on the current backend from shapes only
 (`ShapeDtypeStruct`s for parameters, optimizer state, reference and batch), so nothing the size
 of the model is allocated. One JSON line reports:
 
-  xla_flops        XLA's cost analysis of the step with the LM head's chunk loop unrolled.
-                   XLA's `HloCostAnalysis` counts a while-loop body once, whatever its trip count;
-                   the layers are a Python loop (straight-line HLO) and the chunk loop is the
-                   step's only loop, so unrolling it (`StepConfig.logprob_unroll`, same values)
-                   makes the count cover every iteration. The count is taken on the lowered
-                   (pre-optimisation) module: remat recomputation is already explicit there, and
-                   no second full compile is needed. `loops_in_count` says how many loops were
-                   left in that module (0: the count is complete).
+  xla_flops        XLA's cost analysis of the step with every loop unrolled: the LM head's chunk
+                   loop (`StepConfig.logprob_unroll`) and, with `--scan-layers`, the layer scans
+                   (`BlockPlan.unroll`), both the same values. XLA's `HloCostAnalysis` counts a
+                   while-loop body once, whatever its trip count, so the count is made on that
+                   unrolled program while compile_s and the memory plan come from the real (rolled)
+                   one. The count is taken on the lowered (pre-optimisation) module: remat
+                   recomputation is already explicit there, and no second full compile is needed.
+                   `loops_in_count` is the number of while loops left in the counted module
+                   (0: the count covers every iteration).
   useful_flops     `shared/bench/README.md`'s formula, on the useful tokens of the batches the
                    bench times (same seed): tokens x (2 non-embedding params + 2VD + 2LTD) x 4
                    (policy fwd+bwd, reference fwd), x 3 with a cached reference.
@@ -19,8 +20,8 @@ of the model is allocated. One JSON line reports:
   planned_peak_gb  per device, from the compiled step's buffer assignment (arguments + outputs
                    not aliased to donated arguments + temporaries), with the breakdown. It is
                    the current backend's plan; on CPU it stands in for the H200's.
-  compile_s        seconds to compile the step (the real program, chunk loop rolled).
-  settings         batch, dtypes, reference mode, chunk, devices, backend.
+  compile_s        seconds to compile the step (the real program: chunk loop and layer scans rolled).
+  settings         batch, dtypes, reference mode, chunk, remat policy, layer scan, devices, backend.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jaxdpo.models import io, registry
+from jaxdpo.models import decoder, io, registry
 from jaxdpo.objectives import dpo_losses as losses
 from jaxdpo.objectives import dpo_step as step_lib
 from jaxdpo.parallel import memory
@@ -65,10 +66,11 @@ def _abstract_state(abstract_params, tx, mesh):
 
 
 def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, compute_dtype: str, chunk: int,
-            compile: bool = True) -> dict:
+            compile: bool = True, blocks: decoder.BlockPlan = decoder.BlockPlan(), count_flops: bool = True) -> dict:
   """Compiles the full-size step from shapes and returns the fields in the module docstring.
 
-  With `compile=False` only the FLOP count is made (lowering only; no memory plan, no compile_s).
+  With `compile=False` only the FLOP count is made (lowering only; no memory plan, no compile_s);
+  with `count_flops=False` only the memory plan and compile_s (e.g. one compile per remat policy).
   """
   from jaxdpo.cli import bench
   w = bench.WORKLOADS[workload]()
@@ -90,7 +92,8 @@ def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, comp
   if reference == "cached":
     sample["ref_logps"] = np.zeros((1, 2), np.float32)
   batch_sds = memory.abstract_batch(sample, batch, mesh)
-  scfg = step_lib.StepConfig(loss=losses.DPOLossConfig(beta=0.1), compute_dtype=cdt, logprob_chunk=chunk)
+  scfg = step_lib.StepConfig(loss=losses.DPOLossConfig(beta=0.1), compute_dtype=cdt, logprob_chunk=chunk,
+                             blocks=blocks)
 
   def lowered(cfg_):
     step_fn = update.make_train_step(step_lib.objective(graphdef, cfg_), tx, mesh, state_sh,
@@ -112,13 +115,16 @@ def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, comp
                            "opt_state": memory.per_device_bytes(state["opt_state"]) / GB,
                            "reference": (memory.per_device_bytes(ref) if ref is not None else 0) / GB},
             "compile_s": compile_s}
-  counted = lowered(dataclasses.replace(scfg, logprob_unroll=True))
-  xla_flops = float(counted.cost_analysis()["flops"])
-  loops = counted.as_text().count("stablehlo.while")
   useful = useful_flops(w, batch=batch, reference=reference, n_params=n_params)
-  return {"impl": "jaxdpo", "workload": workload, "analyze": True, "xla_flops": xla_flops,
-          "useful_flops": useful, "work_ratio": xla_flops / useful, "loops_in_count": loops, **plan,
+  work = {}
+  if count_flops:
+    counted = lowered(dataclasses.replace(scfg, logprob_unroll=True, blocks=dataclasses.replace(blocks, unroll=True)))
+    xla_flops = float(counted.cost_analysis()["flops"])
+    work = {"xla_flops": xla_flops, "work_ratio": xla_flops / useful,
+            "loops_in_count": counted.as_text().count("stablehlo.while")}
+  return {"impl": "jaxdpo", "workload": workload, "analyze": True, **work, "useful_flops": useful, **plan,
           "params": n_params,
           "settings": {"batch": batch, "reference": reference, "param_dtype": param_dtype,
                        "compute_dtype": compute_dtype, "logprob_chunk": chunk, "attention_impl": impl,
+                       "remat": blocks.remat, "scan_layers": blocks.scan,
                        "devices": mesh.size, "backend": jax.default_backend()}}

@@ -9,7 +9,7 @@ import jax
 from jaxdpo.data import records
 from jaxdpo.data.vision import adapters
 from jaxdpo.jobs import model_setup, summary
-from jaxdpo.models import registry
+from jaxdpo.models import decoder, registry
 from jaxdpo.train import loop as train
 
 
@@ -21,10 +21,16 @@ def check_vocab(tok, model_cfg, where: str):
 
 
 def compute_settings(config, family: registry.Family) -> dict:
-  """The step settings every objective takes: compute dtype, micro-batches, log-prob chunk and
-  the family's batch layout (`Family.model_inputs`)."""
+  """The step settings every objective takes: compute dtype, micro-batches, log-prob chunk, the
+  family's batch layout (`Family.model_inputs`) and the block plan (`train.remat`, `train.scan_layers`)."""
   return dict(compute_dtype=model_setup.dtype_of(config.model.compute_dtype), grad_accum=config.train.grad_accum,
-              logprob_chunk=config.train.logprob_chunk, model_inputs=family.model_inputs)
+              logprob_chunk=config.train.logprob_chunk, model_inputs=family.model_inputs,
+              blocks=block_plan(config))
+
+
+def block_plan(config) -> decoder.BlockPlan:
+  """The decoder blocks' remat policy and layer scan named by `config.train`."""
+  return decoder.BlockPlan(remat=config.train.remat, scan=bool(config.train.scan_layers))
 
 
 def vision_adapter(config, tok) -> adapters.VisionAdapter | None:

@@ -123,6 +123,10 @@ def base() -> ml_collections.ConfigDict:
   c.train.degeneration_eval_every = 0  # steps between degeneration evals on data.degeneration_eval
   c.train.stop_at_step = -1         # stop (after checkpointing) at this step; -1 = run to num_steps
   c.train.logprob_chunk = 256       # vocab-projection chunk (tokens) when computing log-probs
+  c.train.remat = "none"            # decoder-block rematerialisation: none | full | dots_saveable | dots_no_batch |
+                                    # save_attn | save_qkv_proj (jaxdpo.models.remat: what each keeps per layer)
+  c.train.scan_layers = False       # run repeated decoder blocks as one jax.lax.scan (compiles each block kind
+                                    # once; parameters stay stored per layer); the full-size configs turn it on
   c.train.tensorboard = False       # also log to DIR/tensorboard (needs tensorboardX)
   c.train.progress = True           # progress bar on stderr
   c.train.straggler_factor = 10.0   # warn when a step takes this many times the median; 0 = off

@@ -63,7 +63,7 @@ def memory_run(config) -> memory.DPORun:
                        batch_size=config.train.batch_size, grad_accum=config.train.grad_accum,
                        seq_len=config.data.max_length, logprob_chunk=config.train.logprob_chunk,
                        trainable=trainable_lib.predicate(config.model.trainable, family),
-                       lora=lora_cfg)
+                       lora=lora_cfg, remat=config.train.remat, scan_layers=bool(config.train.scan_layers))
 
 
 def tokenize_preferences(source: str, tok, config, *, desc: str, vision=None,

@@ -138,6 +138,9 @@ def _check_train(config):
   if t.stop_at_step != -1 and t.stop_at_step < 1:
     raise ConfigError(f"config.train.stop_at_step={t.stop_at_step}: expected a step >= 1, or -1 (run to num_steps)")
   _at_least(config, "train.logprob_chunk", 1)
+  if _has(config, "train.remat"):
+    from jaxdpo.models import remat  # cheap: builds nothing
+    _one_of(config, "train.remat", remat.POLICIES)
   if _has(config, "train.on_nonfinite"):
     _one_of(config, "train.on_nonfinite", ON_NONFINITE)
 

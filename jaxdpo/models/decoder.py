@@ -9,13 +9,57 @@ only forward to it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdpo.models import attention, layers
+from jaxdpo.models import attention, layers, remat
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+  """How a training forward runs the block loop (`train.remat`, `train.scan_layers`).
+
+  Attributes:
+    remat: a policy of `jaxdpo.models.remat.POLICIES`; every block runs under `jax.checkpoint`
+      with it ("none": no checkpoint).
+    scan: run repeated runs of identical blocks as one `jax.lax.scan` over their stacked
+      parameters (compile once per distinct block kind instead of once per layer).
+    unroll: unroll those scans (same program values, no while loop): XLA's cost analysis counts a
+      loop body once, so `bench --analyze` counts FLOPs on the unrolled program.
+  """
+
+  remat: str = "none"
+  scan: bool = False
+  unroll: bool = False
+
+  def __post_init__(self):
+    remat.check(self.remat)
+
+
+# The plan of the forward being traced. A context rather than a model attribute: the policy and the
+# reference forwards share one graphdef, and generation (kv cache) always runs the plain loop.
+_PLAN: contextvars.ContextVar[BlockPlan] = contextvars.ContextVar("block_plan", default=BlockPlan())
+
+
+@contextlib.contextmanager
+def planned(plan: BlockPlan) -> Iterator[None]:
+  """Runs the enclosed forward passes (`run_blocks` of every decoder) with `plan`."""
+  token = _PLAN.set(plan)
+  try:
+    yield
+  finally:
+    _PLAN.reset(token)
+
+
+def current_plan() -> BlockPlan:
+  """The plan `run_blocks` uses now (`BlockPlan()` outside `planned`)."""
+  return _PLAN.get()
 
 
 class DecoderStack(nnx.Module):
@@ -43,6 +87,8 @@ class DecoderStack(nnx.Module):
     table_shape, table_axes = (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed")
     self.embed_tokens = layers.param(rngs, init, table_shape, table_axes, param_dtype)
     self.layers = nnx.List([make_block(i) for i in range(cfg.num_layers)])
+    for block in self.layers:
+      remat.tag_block(block)
     self.norm = make_norm()
     self.lm_head = None if cfg.tie_word_embeddings else layers.param(rngs, init, table_shape, table_axes, param_dtype)
 
@@ -59,26 +105,39 @@ class DecoderStack(nnx.Module):
       return logits_BTV
 
   def run_blocks(self, x_BTD, block_inputs: Callable[[nnx.Module], tuple], kv_cache=None, cache_index=None):
-    """Runs every block, then the final norm.
+    """Runs every block, then the final norm, as `current_plan()` says.
 
     Args:
       x_BTD: input embeddings.
       block_inputs: block -> the positional inputs it takes after x (rotary tables, mask),
         so that families with several layer kinds pick the right ones per block.
-      kv_cache: optional list of per-layer caches; each block returns its updated one.
+      kv_cache: optional list of per-layer caches; each block returns its updated one. Generation
+        always runs the plain unrolled loop (no remat, no scan).
       cache_index: int scalar, the cache slot of this call's first token.
 
     Returns:
       (hidden [B, T, D] after the final norm, new kv cache or None).
     """
-    new_cache = [] if kv_cache is not None else None
-    for i, block in enumerate(self.layers):
-      layer_cache = None if kv_cache is None else kv_cache[i]
-      with jax.named_scope(f"block_{i}"):
-        x_BTD, c = block(x_BTD, *block_inputs(block), layer_cache, cache_index)
-      x_BTD = layers.constrain_batch(x_BTD)  # keep rows split over the batch axes
-      if new_cache is not None:
+    plan = current_plan()
+    if kv_cache is not None:
+      new_cache = []
+      for i, block in enumerate(self.layers):
+        with jax.named_scope(f"block_{i}"):
+          x_BTD, c = block(x_BTD, *block_inputs(block), kv_cache[i], cache_index)
+        x_BTD = layers.constrain_batch(x_BTD)
         new_cache.append(c)
+    else:
+      new_cache = None
+      start = 0
+      for n_groups, period in (scan_segments(self.layers) if plan.scan else [(1, 1)] * len(self.layers)):
+        blocks = list(self.layers)[start:start + n_groups * period]
+        if n_groups == 1:
+          with jax.named_scope(f"block_{start}"):
+            x_BTD = _run_block(blocks[0], x_BTD, block_inputs(blocks[0]), plan.remat, prevent_cse=True)
+        else:
+          with jax.named_scope(f"blocks_{start}_{start + len(blocks) - 1}_scan"):
+            x_BTD = _scan_blocks(blocks, period, x_BTD, block_inputs, plan)
+        start += len(blocks)
     with jax.named_scope("final_norm"):
       return self.norm(x_BTD), new_cache
 
@@ -91,6 +150,80 @@ class DecoderStack(nnx.Module):
     h_BTD, _ = self(input_ids=inputs["input_ids"], positions=inputs["positions"],
                     segment_ids=inputs["segment_ids"], structure=attention.from_inputs(inputs))
     return h_BTD
+
+
+def _run_block(block, x_BTD, inputs: tuple, policy_name: str, *, prevent_cse: bool):
+  """x after one block, under `jax.checkpoint` with the named policy unless it is "none"."""
+  if policy_name == "none":
+    x_BTD, _ = block(x_BTD, *inputs, None, None)
+    return layers.constrain_batch(x_BTD)  # keep rows split over the batch axes
+  graphdef, state = nnx.split(block)
+
+  def run(state, x_BTD, *inputs):
+    out, _ = nnx.merge(graphdef, state)(x_BTD, *inputs, None, None)
+    return out
+
+  run = jax.checkpoint(run, policy=remat.policy(policy_name), prevent_cse=prevent_cse)
+  return layers.constrain_batch(run(state, x_BTD, *inputs))
+
+
+def _scan_blocks(blocks, period: int, x_BTD, block_inputs, plan: BlockPlan):
+  """x after `blocks` (len(blocks) / period groups of `period` blocks, equal kinds at equal offsets)
+  run as one `jax.lax.scan` over the groups.
+
+  The parameters stay stored per layer (checkpoints and converters see one subtree per layer); they
+  are stacked here, inside the traced step, into one [groups, ...] array per offset and leaf. Each
+  iteration merges offset j's slice back into a block and runs it with the inputs of the first
+  group's block j (same kind, so the same rotary tables and mask).
+  """
+  n_groups = len(blocks) // period
+  graphdefs, inputs, stacked = [], [], []
+  for j in range(period):
+    states = [nnx.split(blocks[g * period + j])[1] for g in range(n_groups)]
+    graphdefs.append(nnx.graphdef(blocks[j]))
+    inputs.append(block_inputs(blocks[j]))
+    stacked.append(_stack(states))
+
+  def group(x_BTD, states):
+    for j in range(period):
+      with jax.named_scope(f"offset_{j}"):
+        # prevent_cse=False: inside a scan the loop already keeps XLA from merging the recompute
+        # with the forward (as jax's `checkpoint` docs advise); True would only add barriers.
+        x_BTD = _run_block(nnx.merge(graphdefs[j], states[j]), x_BTD, inputs[j], plan.remat, prevent_cse=False)
+    return x_BTD, None
+
+  x_BTD, _ = jax.lax.scan(group, x_BTD, tuple(stacked), unroll=n_groups if plan.unroll else 1)
+  return x_BTD
+
+
+def _stack(states):
+  """One [len(states), ...] array per leaf of the per-layer states (layer order kept)."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def scan_segments(blocks) -> list[tuple[int, int]]:
+  """Splits the block list into (groups, period) runs for `jax.lax.scan`, in layer order.
+
+  Blocks are of one kind when their nnx graphdefs are equal (same structure, same static
+  attributes such as a Gemma layer's window). From each start, the run covering the most blocks
+  with a repeating pattern of kinds (at least 2 repeats) wins, the shorter period on ties; a block
+  that starts no such run is its own (1, 1) entry. Qwen2 (36 equal blocks): [(36, 1)]; Gemma 3 4B
+  (5 local + 1 global, 34 layers): [(5, 6), (4, 1)].
+  """
+  kinds = [nnx.graphdef(b) for b in blocks]
+  n, start, out = len(kinds), 0, []
+  while start < n:
+    best = (1, 1)
+    for period in range(1, (n - start) // 2 + 1):
+      groups = 1
+      while start + (groups + 1) * period <= n and all(
+          kinds[start + groups * period + j] == kinds[start + j] for j in range(period)):
+        groups += 1
+      if groups >= 2 and groups * period > best[0] * best[1]:
+        best = (groups, period)
+    out.append(best)
+    start += best[0] * best[1]
+  return out
 
 
 def embed_or_pass(stack: DecoderStack, input_ids, inputs_embeds):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdpo.models import attention
+from jaxdpo.models import attention, remat
 
 Initializer = jax.nn.initializers.Initializer
 
@@ -76,6 +76,9 @@ class Einsum(nnx.Module):
   lora_a = None
   lora_b = None
   lora_scale = 0.0
+  # Remat (issue 17): checkpoint names of the input / output (`remat.tag_block`); None = untagged.
+  tag_in = None
+  tag_out = None
 
   def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs, dtype=jnp.float32):
     """Adds a LoRA adapter: y += (x A) B * alpha / rank, after the bias (as PEFT does).
@@ -116,6 +119,7 @@ class Einsum(nnx.Module):
     return (w.astype(jnp.float32) + delta * self.lora_scale).astype(w.dtype)
 
   def __call__(self, x):
+    x = remat.tag(x, self.tag_in)
     y = jnp.einsum(self.eqn, x, self.kernel[...].astype(x.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(x.dtype)
@@ -123,7 +127,7 @@ class Einsum(nnx.Module):
       eqn_a, eqn_b = self.lora_eqns
       h = jnp.einsum(eqn_a, x, self.lora_a[...].astype(x.dtype))
       y = y + jnp.einsum(eqn_b, h, self.lora_b[...].astype(x.dtype)) * jnp.asarray(self.lora_scale, x.dtype)
-    return y
+    return remat.tag(y, self.tag_out)
 
 
 class RMSNorm(nnx.Module):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdpo.models import batching, lora
+from jaxdpo.models import batching, decoder, lora
 from jaxdpo.objectives import dpo_losses as losses
 from jaxdpo.objectives import logprobs
 
@@ -48,6 +48,7 @@ class StepConfig:
   logit_softcap: float | None = None  # None: use the model's own `logit_softcap`
   model_inputs: Callable[[dict, int], dict] = batching.text_inputs
   lora_reference: bool = False  # LoRA: the reference is the policy with its adapters off (`models.lora.disabled`)
+  blocks: decoder.BlockPlan = decoder.BlockPlan()  # remat policy and layer scan of the decoder blocks
 
   def __post_init__(self):
     losses.check_grad_accum(self.loss, self.grad_accum)
@@ -62,7 +63,8 @@ def pair_logps(graphdef, params, batch, cfg: StepConfig):
   params = jax.tree.map(lambda p: p.astype(cfg.compute_dtype), params)
   model = nnx.merge(graphdef, params)
   flat = cfg.model_inputs(batch, 2)  # rows c0, r0, c1, r1, ...
-  h_BTD = model.hidden_states(flat)
+  with decoder.planned(cfg.blocks):
+    h_BTD = model.hidden_states(flat)
   seq, per_tok, counts = logprobs.completion_logps(h_BTD, model.unembedding(), flat["input_ids"], flat["loss_mask"],
                                                    chunk_size=cfg.logprob_chunk, logit_softcap=softcap(cfg, model),
                                                    unroll=cfg.logprob_unroll)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdpo.models import batching
+from jaxdpo.models import batching, decoder
 from jaxdpo.objectives import logprobs
 
 SEQ_KEYS = ("input_ids", "segment_ids", "positions")
@@ -28,13 +28,15 @@ class SFTStepConfig:
   logprob_chunk: int = 256
   logit_softcap: float | None = None  # None: the model's own soft cap
   model_inputs: Callable[[dict, int], dict] = batching.text_inputs  # the family's `Family.model_inputs`
+  blocks: decoder.BlockPlan = decoder.BlockPlan()  # remat policy and layer scan of the decoder blocks
 
 
 def nll_terms(params, batch, graphdef, cfg: SFTStepConfig, n_tokens):
   """This micro-batch's share of the token-mean NLL (normalised by the global token count)."""
   params = jax.tree.map(lambda p: p.astype(cfg.compute_dtype), params)
   model = nnx.merge(graphdef, params)
-  h_BTD = model.hidden_states(cfg.model_inputs(batch, 1))
+  with decoder.planned(cfg.blocks):
+    h_BTD = model.hidden_states(cfg.model_inputs(batch, 1))
   seq, _, counts = logprobs.completion_logps(h_BTD, model.unembedding(), batch["input_ids"], batch["loss_mask"],
                                              chunk_size=cfg.logprob_chunk, logit_softcap=logprobs.resolve_softcap(cfg.logit_softcap, model))
   nll = -seq.sum()

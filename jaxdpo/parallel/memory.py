@@ -48,6 +48,7 @@ class MemoryPlan:
     batch: the step's input batch.
     source: "eval_shape" or "compiled".
     num_devices, fsdp: the mesh, for the advice.
+    remat: the run's `train.remat` policy, for the advice.
   """
 
   params: int
@@ -59,6 +60,7 @@ class MemoryPlan:
   source: str
   num_devices: int = 1
   fsdp: int = 1
+  remat: str = "none"
 
   @property
   def total(self) -> int:
@@ -125,27 +127,57 @@ def _text_config(model_cfg):
   return getattr(model_cfg, "text", model_cfg)
 
 
+def kept_per_token_layer(model_cfg, remat_policy: str, *, seq_len: int, compute_bytes: int, tensor: int = 1,
+                         xla_attention: bool = True) -> int:
+  """Bytes the backward pass keeps per token and decoder layer under a `train.remat` policy.
+
+  In the compute dtype, with D the width, Q = N*H and KV = K*H the query and key/value widths
+  and F the MLP width (heads and F split over `tensor`); XLA attention's scores and probabilities
+  are fp32, N x T per token (cuDNN keeps its own few statistics instead):
+    none            2D (norm inputs) + 2Q (queries, context) + 2KV + 3F (gate, up, gated) + fp32 probs
+    dots_saveable   2D (input, o) + 2Q + 2KV + 2F (gate, up) + fp32 scores
+    dots_no_batch   2D + Q + 2KV + 2F: the projections, not the attention matmuls
+    save_attn       2D + 2Q + 2KV: q, k, v, context, o
+    save_qkv_proj   D + Q + 2KV
+    full            D: the block input
+  (`jaxdpo.models.remat` names what each policy saves; `tests/test_remat_scan.py` checks the order.)
+  """
+  from jaxdpo.models import remat  # the policy names live with the model code
+  remat.check(remat_policy)
+  t = _text_config(model_cfg)
+  d, n, k, f = t.hidden_size, t.num_heads, t.num_kv_heads, t.intermediate_size
+  h = t.head_dim or d // n
+  q, kv, f = n * h // tensor, k * h // tensor, f // tensor
+  scores = 4 * (n // tensor if n % tensor == 0 else n) * seq_len if xla_attention else 0
+  elements, with_scores = {
+      "none": (2 * d + 2 * q + 2 * kv + 3 * f, True),
+      "dots_saveable": (2 * d + 2 * q + 2 * kv + 2 * f, True),
+      "dots_no_batch": (2 * d + q + 2 * kv + 2 * f, False),
+      "save_attn": (2 * d + 2 * q + 2 * kv, False),
+      "save_qkv_proj": (d + q + 2 * kv, False),
+      "full": (d, False),
+  }[remat_policy]
+  return compute_bytes * elements + (scores if with_scores else 0)
+
+
 def estimate_activations(model_cfg, *, rows_per_device: int, seq_len: int, compute_bytes: int, tensor: int = 1,
-                         logprob_chunk: int = 256, xla_attention: bool = True) -> int:
+                         logprob_chunk: int = 256, xla_attention: bool = True, remat_policy: str = "none") -> int:
   """Saved activations of the policy's forward pass for the backward pass (text decoder).
 
-  Per token and layer, the backward pass keeps the two norm inputs (2D), queries and attention
-  output (2NH), keys and values (2KH), the MLP's gate, up and gated product (3F), in the compute
-  dtype; XLA attention also keeps the fp32 attention probabilities (N*T per token). Heads and
-  the MLP width split over `tensor`. Chunked log-probs add one fp32 chunk of logits (chunk x V)
-  per row. Vision towers and transient buffers are not included: this is a floor, not a bound;
-  the compiled plan (`refine_with_compiled`) is the accurate one.
+  Every layer keeps `kept_per_token_layer` bytes per token for its policy; under remat one layer at
+  a time also holds what "none" keeps while its backward pass recomputes it. Chunked log-probs add
+  one fp32 chunk of logits (chunk x V) per row. Vision towers and transient buffers are not
+  included: this is a floor, not a bound; the compiled plan (`refine_with_compiled`) is the
+  accurate one.
   """
   t = _text_config(model_cfg)
-  d, layers = t.hidden_size, t.num_layers
-  n, k, f = t.num_heads, t.num_kv_heads, t.intermediate_size
-  h = t.head_dim or d // n
-  per_token = compute_bytes * (2 * d + (2 * n * h + 2 * k * h + 3 * f) // tensor)
-  if xla_attention:
-    per_token += 4 * (n // tensor if n % tensor == 0 else n) * seq_len
+  kw = dict(seq_len=seq_len, compute_bytes=compute_bytes, tensor=tensor, xla_attention=xla_attention)
   tokens = rows_per_device * seq_len
+  kept = tokens * kept_per_token_layer(model_cfg, remat_policy, **kw) * t.num_layers
+  if remat_policy != "none":
+    kept += tokens * kept_per_token_layer(model_cfg, "none", **kw)
   logits = rows_per_device * min(logprob_chunk, seq_len) * t.vocab_size * 4
-  return tokens * per_token * layers + logits
+  return kept + logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +192,7 @@ class DPORun:
     tx: the optax transformation (its state is sized from shapes).
     reference_model: whether a frozen reference copy sits in memory.
     batch_size, grad_accum, seq_len, logprob_chunk: the step's shapes.
+    remat, scan_layers: the block plan (`train.remat`, `train.scan_layers`).
     trainable: parameter path -> trainable? (`jaxdpo.models.trainable.predicate`), or None when
       every parameter trains. Gradients and optimizer state are sized over the trainable ones.
   """
@@ -177,6 +210,8 @@ class DPORun:
   logprob_chunk: int
   trainable: Any = None
   lora: Any = None  # a `jaxdpo.models.lora.LoraConfig` with rank > 0: adapters train, the base is frozen
+  remat: str = "none"  # `train.remat`: what the backward pass keeps per layer (`kept_per_token_layer`)
+  scan_layers: bool = False  # `train.scan_layers`: the stacked layer copy of each forward (`plan_dpo`)
 
 
 @functools.lru_cache(maxsize=4)
@@ -221,12 +256,29 @@ def plan_dpo(run: DPORun, mesh, rules=shd.DEFAULT_RULES) -> MemoryPlan:
   seq = run.seq_len
   acts = estimate_activations(run.model_cfg, rows_per_device=2 * pairs_per_device, seq_len=seq,
                               compute_bytes=np.dtype(run.compute_dtype).itemsize, tensor=mesh.shape["tensor"],
-                              logprob_chunk=run.logprob_chunk, xla_attention=run.attention_impl == "xla")
+                              logprob_chunk=run.logprob_chunk, xla_attention=run.attention_impl == "xla",
+                              remat_policy=run.remat)
+  if run.scan_layers:
+    # The scan stacks the decoder layers' parameters (in the compute dtype) inside the step; one
+    # forward's stacked copy is live at a time (the policy's replaces its compute-dtype cast).
+    acts += _layer_bytes(params, np.dtype(run.compute_dtype).itemsize)
   batch_bytes = 4 * 4 * 2 * seq * max(1, run.batch_size // data_ways)  # 4 int32 [B, 2, T] arrays
   return MemoryPlan(params=param_bytes, opt_state=per_device_bytes(opt),
                     reference=param_bytes if has_ref_model else 0, gradients=per_device_bytes(trained),
                     activations=acts,
-                    batch=batch_bytes, source="eval_shape", num_devices=mesh.size, fsdp=mesh.shape["fsdp"])
+                    batch=batch_bytes, source="eval_shape", num_devices=mesh.size, fsdp=mesh.shape["fsdp"],
+                    remat=run.remat)
+
+
+def _layer_bytes(params, itemsize: int) -> int:
+  """Per-device bytes of the decoder layers' parameters (`layers/...` of a text model,
+  `language_model/layers/...` of a VLM; not a vision tower's), at `itemsize` bytes an element."""
+  total = 0
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    keys = [getattr(k, "key", None) for k in path]
+    if keys[:1] == ["layers"] or keys[:2] == ["language_model", "layers"]:
+      total += _leaf_bytes(x) // np.dtype(x.dtype).itemsize * itemsize
+  return total
 
 
 def refine_with_compiled(plan: MemoryPlan, compiled) -> MemoryPlan:
@@ -274,8 +326,11 @@ def advice(plan: MemoryPlan) -> list[str]:
   if plan.reference:
     tips.append(f"precompute the reference log-probs once: --config.dpo.reference=cached "
                 f"(frees {plan.reference / GIB:.2f} GiB)")
+  if plan.remat != "full":
+    tips.append(f"recompute the decoder blocks in the backward pass: --config.train.remat=full (or save_qkv_proj, "
+                f"save_attn; now {plan.remat!r}; activations {plan.activations / GIB:.2f} GiB)")
   tips.append(f"shrink activations ({plan.activations / GIB:.2f} GiB): raise --config.train.grad_accum or lower "
-              "--config.data.max_length (activation rematerialisation is not available yet)")
+              "--config.data.max_length")
   return tips
 
 
