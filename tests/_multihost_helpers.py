@@ -40,7 +40,8 @@ def main_cmd(workdir, *args, config: str = CONFIG) -> list[str]:
 class Run:
   """`num_processes` trainer processes on localhost, started together (process 0 hosts the coordinator)."""
 
-  def __init__(self, workdir, num_processes: int, devices_each: int, *args, distributed_timeout_s: int = 120):
+  def __init__(self, workdir, num_processes: int, devices_each: int, *args, distributed_timeout_s: int = 120,
+               config: str = CONFIG):
     port = free_port()
     self.procs, self.logs = [], []
     for i in range(num_processes):
@@ -49,8 +50,8 @@ class Run:
       out = open(f"{workdir}.p{i}.out", "w+")
       err = open(f"{workdir}.p{i}.err", "w+")
       self.logs.append((out, err))
-      self.procs.append(subprocess.Popen(main_cmd(workdir, *args, *extra), cwd=ROOT, env=cpu_env(devices_each),
-                                         stdout=out, stderr=err, text=True))
+      self.procs.append(subprocess.Popen(main_cmd(workdir, *args, *extra, config=config), cwd=ROOT,
+                                         env=cpu_env(devices_each), stdout=out, stderr=err, text=True))
 
   def wait(self, timeout: int = 900):
     """Waits for every process; returns [(returncode, stdout, stderr)].

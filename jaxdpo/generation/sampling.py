@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from jaxdpo.generation import degeneration
 from jaxdpo.generation import decode as generate
+from jaxdpo.generation import distributed as mesh_generation
 from jaxdpo.data import pipeline, records, tokenize
 from jaxdpo.data.vision import adapters as multimodal
 
@@ -79,13 +80,15 @@ class SamplingParams:
 
 def run_generation(model, tok, items, *, params: SamplingParams, batch_size: int, max_prompt_length: int,
                    num_samples: int = 1, seed: int = 0, degen_cfg=None, desc: str = "generate",
-                   progress: bool = True, vision=None) -> list[dict]:
+                   progress: bool = True, vision=None, mesh=None) -> list[dict]:
   """Generates `num_samples` completions per item; returns one JSON-able dict per sample.
 
   Every batch is left-padded to `max_prompt_length` and has `batch_size` rows (the last one
   padded with copies), so the whole run uses one compiled program. With `vision` (a
   `multimodal.VisionAdapter`), each row carries its record's images within the adapter's
-  budget (fixed here from `items` unless already fixed).
+  budget (fixed here from `items` unless already fixed). With `mesh`, each batch is split over
+  its data axes and the outputs gathered (`jaxdpo.generation.distributed`); every process must
+  pass the same `items`.
   """
   if vision is not None and vision.budget is None:
     vision = vision.with_budget([seq for _, seq in items])
@@ -105,10 +108,10 @@ def run_generation(model, tok, items, *, params: SamplingParams, batch_size: int
     if vision is not None:
       inputs = vision.family.model_inputs(inputs, 1)  # the family's layout (M-RoPE positions, image bookkeeping)
     t0 = time.perf_counter()
-    res = generate.generate(model, inputs, max_new_tokens=params.max_new_tokens, eos_token_id=eos, pad_token_id=pad_id,
-                            rng=jax.random.fold_in(key, batch_id), temperature=params.temperature,
-                            top_p=params.top_p, top_k=params.top_k, vocab_limit=len(tok))
-    res = jax.device_get(res)
+    res = mesh_generation.generate(generate.generate, model, inputs, mesh=mesh,
+                                   max_new_tokens=params.max_new_tokens, eos_token_id=eos, pad_token_id=pad_id,
+                                   rng=jax.random.fold_in(key, batch_id), temperature=params.temperature,
+                                   top_p=params.top_p, top_k=params.top_k, vocab_limit=len(tok))
     seconds = time.perf_counter() - t0
     verdicts = degeneration.detect_generation(res.tokens, res.num_generated, res.hit_limit, degen_cfg)
     for row, (i, s) in enumerate(chunk):

@@ -95,6 +95,9 @@ def base() -> ml_collections.ConfigDict:
   c.generate.temperature = 0.0       # 0 = greedy
   c.generate.top_p = 1.0
   c.generate.top_k = 0               # 0 = off
+  c.generate.chunk_batches = 16      # eval/mine save rows every this many batches (DIR/chunks/<job>); a re-run
+                                    # in the same workdir resumes from the saved chunks
+  c.generate.debug_kill_after_chunk = -1  # tests: the process SIGKILLs itself after saving this chunk
 
   c.degeneration = ml_collections.ConfigDict()  # see jaxdpo.generation.degeneration.DegenerationConfig
   c.degeneration.min_period = 1

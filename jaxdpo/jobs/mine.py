@@ -12,6 +12,9 @@ Outputs: `pairs.jsonl` (feed it to the dpo job as `data.train`), `samples.jsonl`
 with its verdict and `hit_limit`) and `mine_summary.json` (how many records yielded a pair, and
 why not; `max_pair_length`, the tokens the longest pair needs: the DPO stage's `data.max_length`
 must be at least that, or its pairs get truncated).
+Generation runs on `config.mesh` and is resumable as in eval (`jaxdpo.jobs.outputs`): a killed
+mine re-run in the same workdir continues from its saved chunks and writes the same pairs.jsonl;
+each chunk samples with its own seed, so the samples do not depend on where a run stopped.
 With `mine.rejected = "degenerate"` (no fallback), 0 pairs is an error (exit 2) that says why; the
 fallback `"worst_cer"` must be chosen explicitly.
 """
@@ -24,7 +27,7 @@ import jax
 
 from jaxdpo.jobs import evaluate as eval_job
 from jaxdpo.generation import eval_stats
-from jaxdpo.jobs import common, jsonio
+from jaxdpo.jobs import common, jsonio, outputs
 from jaxdpo.generation import sampling as sampling_run
 from jaxdpo.data import records, tokenize
 from jaxdpo.data.vision import adapters as multimodal
@@ -93,14 +96,23 @@ def run(config, workdir: str) -> dict:
   tok = tokenize.load_tokenizer(config.data.tokenizer)
   vision = common.vision_adapter(config, tok)
   items = sampling_run.load_prompts(config.data.prompts, tok, common.prompt_config(config), vision)
-  bundle, model = eval_job.load_generation_model(config)
+  bundle, model, mesh = eval_job.load_generation_model(config)
   vocab_warning = sampling_run.warn_vocab_mismatch(tok, bundle.config, config.data.tokenizer)
-  rows = sampling_run.run_generation(
-      model, tok, items,
-      params=sampling_run.SamplingParams(config.generate.max_new_tokens, m.temperature, m.top_p, m.top_k),
-      batch_size=config.generate.batch_size, max_prompt_length=config.generate.max_prompt_length,
-      num_samples=m.num_samples, seed=config.seed, degen_cfg=common.degeneration_config(config), desc="mine",
-      progress=config.train.progress, vision=vision)
+  if vision is not None and vision.budget is None:
+    vision = vision.with_budget([seq for _, seq in items])  # one image budget for every chunk
+
+  def generate_chunk(chunk_items, seed):
+    return sampling_run.run_generation(
+        model, tok, chunk_items,
+        params=sampling_run.SamplingParams(config.generate.max_new_tokens, m.temperature, m.top_p, m.top_k),
+        batch_size=config.generate.batch_size, max_prompt_length=config.generate.max_prompt_length,
+        num_samples=m.num_samples, seed=seed, degen_cfg=common.degeneration_config(config), desc="mine",
+        progress=config.train.progress, vision=vision, mesh=mesh)
+
+  # mine.chosen / mine.rejected only pick among the samples: they may change on resume.
+  rows, store = outputs.generate_resumable(config, workdir, "mine", items, generate_chunk, num_samples=m.num_samples,
+                                           extra_keys=("mine.num_samples", "mine.temperature", "mine.top_p",
+                                                       "mine.top_k"))
   by_record: dict[int, list[dict]] = {}
   for r in rows:
     by_record.setdefault(r["index"], []).append(r)
@@ -134,6 +146,7 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
       jsonio.write_jsonl(os.path.join(workdir, "samples.jsonl"), rows)
       jsonio.write_json(os.path.join(workdir, "mine_summary.json"), summary)
+    store.remove()
     raise NoPairsError(
         f"mine: 0 pairs from {len(items)} records ({summary['degenerate_samples']} of {len(rows)} samples "
         f"degenerate; records without a pair: {reasons}); nothing written to pairs.jsonl. "
@@ -144,6 +157,8 @@ def run(config, workdir: str) -> dict:
     jsonio.write_jsonl(os.path.join(workdir, "samples.jsonl"), rows)
     jsonio.write_jsonl(os.path.join(workdir, "pairs.jsonl"), pairs)
     jsonio.write_json(os.path.join(workdir, "mine_summary.json"), summary)
+  store.remove()
+  if jax.process_index() == 0:
     print(f"mined {len(pairs)} pairs from {len(items)} records ({summary['degenerate_samples']} degenerate samples "
           f"of {len(rows)}); the longest pair needs data.max_length >= {summary['max_pair_length']}")
   return summary

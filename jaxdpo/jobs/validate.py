@@ -147,7 +147,8 @@ def _check_train(config):
 
 def _check_generation(config):
   g = config.generate
-  for key in ("generate.max_new_tokens", "generate.max_prompt_length", "generate.batch_size", "mine.num_samples"):
+  for key in ("generate.max_new_tokens", "generate.max_prompt_length", "generate.batch_size", "mine.num_samples",
+              "generate.chunk_batches"):
     _at_least(config, key, 1)
   for key in ("generate.temperature", "mine.temperature", "generate.top_k", "mine.top_k"):
     _at_least(config, key, 0)
