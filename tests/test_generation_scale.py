@@ -34,11 +34,11 @@ NEW = 12
 COMMON = {"generate.max_new_tokens": NEW, "degeneration.tail_window": NEW, "train.progress": False}
 
 
-def _config(name: str, ck: str, **overrides):
+def _config(name: str, ck: str, arg=None, **overrides):
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = mod.get_config(arg)
   c.model.checkpoint = ck
   for key, value in {**COMMON, **overrides}.items():
     node = c
@@ -134,6 +134,26 @@ def test_the_batch_is_split_over_the_data_axes(ck, unsharded):
   whole = decode.generate(model, batch, **kw)
   assert whole.tokens.sharding.spec != P(("data", "fsdp"))
   np.testing.assert_array_equal(np.asarray(split.tokens), np.asarray(whole.tokens))
+
+
+def test_vlm_eval_on_a_mesh_equals_the_unsharded_path(tmp_path):
+  """Qwen2.5-VL with 0, 1 or 2 images per record, eval on data=2 x fsdp=2 against no mesh."""
+  import _vision_job_helpers as VH
+  path, _ = VH.build_checkpoint("qwen2_5_vl", str(tmp_path), seed=1)
+  _, prompts, _ = VH.vision_records(str(tmp_path / "data"), n=6, seed=2)
+  over = {"data.tokenizer": os.path.join(path, "tokenizer"), "data.prompts": prompts, "generate.chunk_batches": 1}
+  config = _config("tiny_vl", path, "eval", **over, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1})
+  eval_job.run(config, str(tmp_path / "eval"))
+  tok = tokenize.load_tokenizer(config.data.tokenizer)
+  vision = common.vision_adapter(config, tok)
+  items = sampling.load_prompts(prompts, tok, common.prompt_config(config), vision)
+  _, _, graphdef, params = io.load_model(path)
+  rows = sampling.run_generation(nnx.merge(graphdef, params), tok, items, params=sampling.SamplingParams(NEW),
+                                 batch_size=config.generate.batch_size,
+                                 max_prompt_length=config.generate.max_prompt_length, progress=False, vision=vision)
+  assert sum(bool(seq.images) for _, seq in items) >= 4
+  assert _tokens(tmp_path / "eval" / "generations.jsonl") == [r["tokens"] for r in rows]
+  assert len({tuple(r["tokens"]) for r in rows}) > 1
 
 
 # ---- across hosts: 2 `python -m jaxdpo.main` processes x 4 fake devices (slow: one fixture) ----------------
