@@ -64,6 +64,11 @@ def test_driver_resumes_with_the_same_samples(tmp_path):
   whole, _ = outputs.generate_resumable(_base(), str(tmp_path / "a"), "mine", items, _sampler([]))
   assert [r["index"] for r in whole] == list(range(10))
   assert [r["batch_id"] for r in whole] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # unique over the run
+  per_row = _sampler([])  # rows timed on their own (row refill: `wall_time_s`, no batch_id) pass through
+  untimed = lambda chunk_items, seed: [{k: v for k, v in r.items() if k != "batch_id"}
+                                       for r in per_row(chunk_items, seed)]
+  rows, _ = outputs.generate_resumable(_base(), str(tmp_path / "c"), "mine", items, untimed)
+  assert [r["index"] for r in rows] == list(range(10)) and not any("batch_id" in r for r in rows)
 
   calls: list = []
   with pytest.raises(Killed):

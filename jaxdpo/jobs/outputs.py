@@ -187,10 +187,13 @@ def generate_resumable(config, workdir: str, job: str, items, generate_chunk: Ca
       continue
     start = c * per
     part = generate_chunk(items[start:start + per], chunk_seed(config.seed, c))
-    offset = 1 + max((r["batch_id"] for r in rows), default=-1)
+    # Rows timed per batch carry a `batch_id` (the summary splits a batch's time over its rows):
+    # keep it unique over the run. Rows timed on their own (`wall_time_s`) have none.
+    offset = 1 + max((r["batch_id"] for r in rows if "batch_id" in r), default=-1)
     for r in part:
       r["index"] += start
-      r["batch_id"] += offset
+      if "batch_id" in r:
+        r["batch_id"] += offset
     store.write(c, part)
     rows += part
     if c == kill_after:
