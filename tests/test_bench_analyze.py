@@ -38,7 +38,7 @@ def test_analyze_fields_are_consistent(capsys):
   gb = out["planned_gb"]
   assert gb["params"] > 0 and gb["opt_state"] >= 2 * gb["params"] and gb["reference"] == gb["params"]
   assert out["planned_peak_gb"] >= gb["params"] + gb["opt_state"] + gb["reference"]
-  assert out["compile_s"] > 0 and out["settings"]["batch"] == 2 and out["settings"]["reference"] == "model"
+  assert out["compile_s"] > 0 and out["compile_cpu_s"] > 0 and out["settings"]["batch"] == 2 and out["settings"]["reference"] == "model"
 
 
 def test_flop_count_covers_every_chunk():
