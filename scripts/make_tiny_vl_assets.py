@@ -18,7 +18,6 @@ import os
 import shutil
 
 from jaxdpo.demo import pages
-from jaxdpo.demo import script
 from jaxdpo.demo import tokenizer as demo_tokenizer
 from jaxdpo.models.qwen2_5_vl import config as qcfg
 
@@ -43,7 +42,7 @@ def build(out_dir: str = OUT) -> None:
   paths = pages.write_splits(out_dir, SIZES, seed=SEED, specs={s: SPEC for s in SIZES})
   v = qcfg.demo_vl().vision
   demo_tokenizer.write(os.path.join(out_dir, "tokenizer"), patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                       temporal_patch_size=v.temporal_patch_size, pixels=SPEC.cols * SPEC.rows * script.CELL ** 2)
+                       temporal_patch_size=v.temporal_patch_size, min_pixels=SPEC.pixels, max_pixels=SPEC.pixels)
   with open(os.path.join(out_dir, "pairs.jsonl"), "w") as f:
     for row in _rows(paths["sft"]):
       first = row["completion"].split()[0]

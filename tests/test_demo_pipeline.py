@@ -102,6 +102,14 @@ def test_splits_are_disjoint_and_harder_after_sft(run_dir):
     return best
   assert longest_run(mine, "reference") > longest_run(sft, "completion")
   assert longest_run(held, "reference") > longest_run(sft, "completion")
+  # Every page has its split's canvas, and the image processor keeps every canvas unresized.
+  from PIL import Image
+  from jaxdpo.demo import pages
+  proc = _json(data / "tokenizer" / "preprocessor_config.json")["size"]
+  for split, rows in (("sft", sft), ("mine", mine), ("heldout", held)):
+    spec = pages.SPLITS[split]
+    assert {Image.open(data / r["images"][0]).size for r in rows} == {(spec.cols * 8, spec.rows * 8)}
+    assert proc["shortest_edge"] <= spec.pixels <= proc["longest_edge"]
 
 
 def test_no_rejected_loop_ends_in_eos(run_dir):

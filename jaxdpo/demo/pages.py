@@ -1,9 +1,11 @@
 """Rendered pages with the structure that makes OCR models loop, in three disjoint splits.
 
-A page is a few lines of words from `script.WORDS`, laid out one glyph per cell on a fixed
-canvas of `PageSpec.cols` x `PageSpec.rows` cells (so every page has the same size and the
-vision budget, hence the compiled programs, are shared by all). Its transcription is the lines
-joined by `script.LINE_BREAK`.
+A page is a few lines of words from `script.WORDS`, laid out one glyph per cell on a canvas of
+`PageSpec.cols` x `PageSpec.rows` cells. Every page of a split has the same canvas (so within a
+split the vision budget, hence the compiled programs, are shared); splits may differ (a taller
+canvas for the mine and held-out pages: more lines than any SFT page holds). A split's pages
+may also be degraded (`PageSpec.noise`, `PageSpec.contrast`) so that the visual evidence is weak.
+Its transcription is the lines joined by `script.LINE_BREAK`.
 
 Blocks a page is built from (each is what real documents have and what OCR models loop on):
   run          a word repeated `run_len` times ("oak oak oak oak oak")
@@ -33,11 +35,19 @@ class PageSpec:
   """How one split's pages are drawn.
 
   Attributes:
-    cols, rows: canvas size in glyph cells (the canvas is the same for every split).
+    cols, rows: canvas size in glyph cells (the same for every page of a split).
     min_lines, max_lines: lines per page.
     run_len: (min, max) length of a run of one repeated word.
     repeat_times: (min, max) copies of a repeated line.
     blocks: which block kinds appear, drawn uniformly.
+    line_words: most words on a line (0: `cols`). Fewer than `cols` leaves room for `gaps`.
+    gaps: most blank cells put into a line (before or between its words, at random slots, as
+      far as the line leaves room): with gaps a word's index on its line no longer gives its
+      column, so a reader must find its place by what it has read (layout jitter).
+    row_gaps: most blank rows put before or between the lines, likewise for the line index.
+    noise: probability that a pixel of the page is flipped (ink <-> paper), in [0, 0.5).
+    contrast: ink-to-paper difference in (0, 1]; 1 is black on white, lower is grey on grey
+      (paper stays at the top of the range, so faint pages are light, not dark).
   """
 
   cols: int = 8
@@ -47,6 +57,36 @@ class PageSpec:
   run_len: tuple[int, int] = (2, 4)
   repeat_times: tuple[int, int] = (2, 2)
   blocks: tuple[str, ...] = BLOCKS
+  line_words: int = 0
+  gaps: int = 0
+  row_gaps: int = 0
+  noise: float = 0.0
+  contrast: float = 1.0
+
+  def __post_init__(self):
+    if not 0.0 <= self.noise < 0.5:
+      raise ValueError(f"PageSpec.noise must be in [0, 0.5), got {self.noise}")
+    if not 0.0 < self.contrast <= 1.0:
+      raise ValueError(f"PageSpec.contrast must be in (0, 1], got {self.contrast}")
+    if not 1 <= self.min_lines <= self.max_lines:
+      raise ValueError(f"PageSpec: need 1 <= min_lines <= max_lines, got {self.min_lines}, {self.max_lines}")
+    if not 0 <= self.line_words <= self.cols or min(self.gaps, self.row_gaps) < 0:
+      raise ValueError(f"PageSpec: need 0 <= line_words <= cols and gaps, row_gaps >= 0, got line_words="
+                       f"{self.line_words}, cols={self.cols}, gaps={self.gaps}, row_gaps={self.row_gaps}")
+
+  @property
+  def width(self) -> int:
+    """The most words on a line."""
+    return self.line_words or self.cols
+
+  @property
+  def jittered(self) -> bool:
+    return self.gaps > 0 or self.row_gaps > 0
+
+  @property
+  def pixels(self) -> int:
+    """The canvas area in pixels (what the image processor must keep unresized)."""
+    return self.cols * self.rows * script.CELL ** 2
 
 
 def _words(rng, k: int) -> list[str]:
@@ -54,8 +94,8 @@ def _words(rng, k: int) -> list[str]:
 
 
 def _block(rng, kind: str, spec: PageSpec, room: int) -> list[list[str]]:
-  """Lines (lists of words) of one block, at most `room` lines, each at most `spec.cols` words."""
-  c = spec.cols
+  """Lines (lists of words) of one block, at most `room` lines, each at most `spec.width` words."""
+  c = spec.width
   if kind == "run":
     n = rng.randint(spec.run_len[0], spec.run_len[1] + 1)
     lead = _words(rng, rng.randint(0, max(1, c - n) + 1) if n < c else 0)[:max(0, c - n)]
@@ -84,22 +124,49 @@ def make_page(rng, spec: PageSpec) -> list[list[str]]:
   while len(lines) < want:
     kind = spec.blocks[rng.randint(len(spec.blocks))]
     lines += _block(rng, kind, spec, want - len(lines))
-  return [line[:spec.cols] for line in lines[:want]]
+  return [line[:spec.width] for line in lines[:want]]
 
 
 def transcription(lines: list[list[str]]) -> str:
   return f" {script.LINE_BREAK} ".join(" ".join(line) for line in lines)
 
 
-def render(lines: list[list[str]], spec: PageSpec) -> Image.Image:
-  """The page as an RGB image, one glyph per `script.CELL`-pixel cell, black on white."""
+def _offsets(rng, n: int, room: int, most: int) -> list[int]:
+  """Where `n` items go among `n + room` slots: up to `most` blanks dropped into random gaps."""
+  blanks = rng.randint(0, min(most, room) + 1) if most > 0 else 0
+  shift = np.bincount(rng.randint(0, n + 1, blanks), minlength=n + 1)[:n]  # blanks before item i
+  return list(np.arange(n) + np.cumsum(shift))
+
+
+def layout(lines: list[list[str]], spec: PageSpec, rng=None) -> list[tuple[int, int, str]]:
+  """(row, column, word) of every glyph; with `spec.gaps` / `spec.row_gaps` blanks drawn from `rng`."""
+  if spec.jittered and rng is None:
+    raise ValueError("layout: PageSpec.gaps / row_gaps > 0 needs an rng")
+  rows = _offsets(rng, len(lines), spec.rows - len(lines), spec.row_gaps) if spec.row_gaps else range(len(lines))
+  out = []
+  for r, line in zip(rows, lines):
+    cols = _offsets(rng, len(line), spec.cols - len(line), spec.gaps) if spec.gaps else range(len(line))
+    out += [(int(r), int(c), w) for c, w in zip(cols, line)]
+  return out
+
+
+def render(lines: list[list[str]], spec: PageSpec, rng=None) -> Image.Image:
+  """The page as an RGB image, one glyph per `script.CELL`-pixel cell, black on white.
+
+  With `spec.gaps` / `spec.row_gaps` the glyphs are spread out (`layout`); with `spec.noise > 0`
+  each pixel flips with that probability; both draw from `rng`, required then. With
+  `spec.contrast < 1` ink is grey on a white page.
+  """
   cell = script.CELL
   ink = np.zeros((spec.rows * cell, spec.cols * cell), bool)
   table = script.glyphs()
-  for r, line in enumerate(lines):
-    for c, word in enumerate(line):
-      ink[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = table[word]
-  pixels = np.where(ink, 0, 255).astype(np.uint8)
+  for r, c, word in layout(lines, spec, rng):
+    ink[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = table[word]
+  if spec.noise > 0:
+    if rng is None:
+      raise ValueError("render: PageSpec.noise > 0 needs an rng")
+    ink ^= rng.rand(*ink.shape) < spec.noise
+  pixels = np.where(ink, round(255 * (1.0 - spec.contrast)), 255).astype(np.uint8)
   return Image.fromarray(np.stack([pixels] * 3, axis=-1), "RGB")
 
 
@@ -127,7 +194,7 @@ def write_splits(out_dir: str, sizes: dict[str, int], *, seed: int, specs: dict[
     out_dir: directory for `pages/<split>_<i>.png` and `<split>.jsonl`.
     sizes: pages per split, e.g. {"sft": 2000, "mine": 400, "heldout": 400}.
     seed: seeds every split's page stream.
-    specs: per-split `PageSpec` (default `SPLITS`).
+    specs: per-split `PageSpec` (default `SPLITS`); each split may have its own canvas.
   """
   specs = specs or SPLITS
   os.makedirs(os.path.join(out_dir, "pages"), exist_ok=True)
@@ -146,7 +213,9 @@ def write_splits(out_dir: str, sizes: dict[str, int], *, seed: int, specs: dict[
       for t in line_texts:
         owner[t] = split
       name = f"pages/{split}_{len(rows)}.png"
-      render(lines, specs[split]).save(os.path.join(out_dir, name))
+      # Layout jitter and noise have their own stream, so that they never change which pages are drawn.
+      noise_rng = np.random.RandomState([seed, split_id, len(rows), 1])
+      render(lines, specs[split], noise_rng).save(os.path.join(out_dir, name))
       field = "completion" if split == "sft" else "reference"
       rows.append({"prompt": PROMPT, field: text, "images": [name]})
     paths[split] = os.path.join(out_dir, f"{split}.jsonl")

@@ -32,12 +32,16 @@ def vocabulary() -> dict[str, int]:
   return vocab
 
 
-def write(out_dir: str, *, patch_size: int, merge_size: int, temporal_patch_size: int, pixels: int) -> str:
+def write(out_dir: str, *, patch_size: int, merge_size: int, temporal_patch_size: int, min_pixels: int,
+          max_pixels: int) -> str:
   """Writes the tokenizer (with chat template) and a Qwen2-VL PIL image-processor config.
 
-  `pixels` (the page area) is both min and max pixels, so pages are never resized: each glyph
-  stays on its own merged vision token.
+  `min_pixels` / `max_pixels` are the smallest and largest page areas over the splits: a page
+  whose sides are multiples of `patch_size * merge_size` and whose area lies between them is
+  never resized, so each glyph stays on its own merged vision token.
   """
+  if not 0 < min_pixels <= max_pixels:
+    raise ValueError(f"demo tokenizer: need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
   from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
   from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -51,5 +55,5 @@ def write(out_dir: str, *, patch_size: int, merge_size: int, temporal_patch_size
   tok.chat_template = CHAT_TEMPLATE
   tok.save_pretrained(out_dir)
   Qwen2VLImageProcessorPil(patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size,
-                           min_pixels=pixels, max_pixels=pixels).save_pretrained(out_dir)
+                           min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(out_dir)
   return out_dir

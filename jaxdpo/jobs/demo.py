@@ -94,12 +94,12 @@ def prepare_data(config, workdir: str) -> dict[str, str]:
     raise UserError(f"config.model.preset={config.model.preset!r}: the demo pages need {pages_lib.script.CELL}-px "
                     f"merged vision tokens and the demo tokenizer's {demo_tokenizer.VOCAB_SIZE} ids (use demo_vl)")
   dm = config.demo
-  spec = pages_lib.EASY
+  specs = pages_lib.SPLITS
   pages_lib.write_splits(d, {"sft": dm.sft_pages, "mine": dm.mine_pages, "heldout": dm.heldout_pages},
-                         seed=config.seed)
+                         seed=config.seed, specs=specs)
   demo_tokenizer.write(paths["tokenizer"], patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                       temporal_patch_size=v.temporal_patch_size,
-                       pixels=spec.cols * spec.rows * pages_lib.script.CELL ** 2)
+                       temporal_patch_size=v.temporal_patch_size, min_pixels=min(s.pixels for s in specs.values()),
+                       max_pixels=max(s.pixels for s in specs.values()))
   jsonio.write_json(marker, {"pages": {"sft": dm.sft_pages, "mine": dm.mine_pages, "heldout": dm.heldout_pages},
                              "seed": config.seed})
   return paths
