@@ -196,8 +196,8 @@ def _family_of(model: nnx.Module) -> registry.Family:
 def _pair_logps(family_name: str, model, batch):
   inputs = registry.get_family(family_name).model_inputs(batch, 2)  # rows c0, r0, c1, r1, ...
   h_BTD = model.hidden_states(inputs)
-  seq, _, _ = logprobs.completion_logps(h_BTD, model.unembedding(), inputs["input_ids"], inputs["loss_mask"],
-                                        logit_softcap=logprobs.resolve_softcap(None, model))
+  seq = logprobs.completion_logps(h_BTD, model.unembedding(), inputs["input_ids"], inputs["loss_mask"],
+                                  logit_softcap=logprobs.resolve_softcap(None, model)).sums
   return seq.reshape(batch["input_ids"].shape[0], 2)
 
 

@@ -37,3 +37,13 @@ def test_ocr_workload_matches_its_definition():
     for i in np.flatnonzero(completions[:, 1] == 1024):
       comp = b["input_ids"][i, 1, prompts[i, 1]:lengths[i, 1]]
       np.testing.assert_array_equal(comp[8:], comp[:-8])
+
+
+def test_cached_reference_times_the_precompute_pass_apart(capsys):
+  assert bench.main(["--workload", "tiny", "--steps", "1", "--warmup", "1", "--batch", "2", "--compute-dtype",
+                     "float32", "--reference", "cached", "--mu-dtype", "bfloat16"]) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["reference"] == "cached" and out["mu_dtype"] == "bfloat16"
+  assert out["ref_precompute_s_per_batch"] > 0 and out["ref_precompute_pairs_per_s"] > 0
+  assert out["completion_window"] == 64  # the tiny workload's completions: 64 of T-1 = 127 positions
+  assert np.isfinite(out["loss"])

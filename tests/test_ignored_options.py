@@ -94,3 +94,24 @@ def test_remat_and_scan_layers_reach_the_step_and_bad_values_are_refused():
   assert "scan[" not in jaxpr and "SaveOnlyTheseNames" not in jaxpr  # the defaults: the plain loop
   with pytest.raises(ConfigError, match=r"config\.train\.remat='dots': expected one of 'none', 'full'.*'save_qkv_proj'"):
     validate.check(demo_config(**{"train.remat": "dots"}))
+
+
+def test_dpo_job_honours_optim_mu_dtype(tmp_path, monkeypatch):
+  """optim.mu_dtype=bfloat16 reaches the job's optimizer state (AdamW's mu in bf16, nu in fp32)."""
+  import jax
+  import jax.numpy as jnp
+  from jaxdpo.jobs import dpo as dpo_job
+  from tests._dpo_helpers import demo_config
+  seen = {}
+  real = dpo_job.train.init_state
+
+  def recording(bundle, tx, mesh, mask):
+    state = real(bundle, tx, mesh, mask)
+    adam = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")]
+    seen["mu"] = {x.dtype for x in jax.tree.leaves(adam[0].mu)}
+    seen["nu"] = {x.dtype for x in jax.tree.leaves(adam[0].nu)}
+    return state
+  monkeypatch.setattr(dpo_job.train, "init_state", recording)
+  dpo_job.run(demo_config(**{"optim.mu_dtype": "bfloat16", "train.num_steps": 1, "train.ckpt_every": 0,
+                             "train.log_every": 1}), str(tmp_path))
+  assert seen == {"mu": {jnp.dtype("bfloat16")}, "nu": {jnp.dtype("float32")}}

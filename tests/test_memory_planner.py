@@ -80,7 +80,12 @@ def test_full_size_plan_is_exact_and_allocates_nothing(name, caplog):
   assert expected < 1.01 * 4 * count / 8
   # AdamW: mu and nu mirror the parameters; plus two int32 step counters (adam, schedule).
   assert plan.opt_state == 2 * expected + 2 * 4
-  assert plan.reference == plan.gradients == expected  # dpo.reference=model: a frozen copy
+  assert plan.gradients == expected
+  assert plan.reference == expected // 2  # dpo.reference=model: a frozen copy, held in bf16 (the compute dtype)
+  # optim.mu_dtype=bfloat16: AdamW's first moment in bf16, the second in fp32.
+  config.optim.mu_dtype = "bfloat16"
+  lean = memory.plan_dpo(dpo_job.memory_run(config), mesh, rules)
+  assert lean.opt_state == expected // 2 + expected + 2 * 4
   assert plan.activations > 0
   printed = caplog.text
   assert "memory plan per device (eval_shape, 8 devices, fsdp=8)" in printed

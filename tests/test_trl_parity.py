@@ -67,8 +67,18 @@ def _our_batch(trainer):
   return collate_pairs(pairs, max_length=t, pad_id=0)
 
 
+def _window(batch):
+  """The longest completion span of the batch: the step scores that completion window (the job's
+  completion-only LM head), not the whole row; it must be shorter than the row to mean anything."""
+  m = np.asarray(batch["loss_mask"]).reshape(-1, np.shape(batch["loss_mask"])[-1])
+  spans = [int(np.flatnonzero(r).max() - np.flatnonzero(r).min() + 1) for r in m if r.any()]
+  assert max(spans) < m.shape[1] - 1
+  return max(spans)
+
+
 def _our_metrics(graphdef, params, batch, loss_cfg):
-  cfg = step_lib.StepConfig(loss=loss_cfg, logprob_chunk=5)  # a chunk that does not divide T
+  # A chunk that does not divide T or the window.
+  cfg = step_lib.StepConfig(loss=loss_cfg, logprob_chunk=5, completion_window=_window(batch))
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   metrics, _ = update.accumulated(step_lib.objective(graphdef, cfg), params, params, batch, 1, with_grad=False)
   return {k: float(v) for k, v in metrics.items()}
@@ -129,7 +139,7 @@ def _metrics_moved(setup, moved, loss_type, **kw):
 
 
 def _ours_moved(graphdef, pparams, ref_params, batch, loss_cfg):
-  cfg = step_lib.StepConfig(loss=loss_cfg, logprob_chunk=5)
+  cfg = step_lib.StepConfig(loss=loss_cfg, logprob_chunk=5, completion_window=_window(batch))
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   metrics, _ = update.accumulated(step_lib.objective(graphdef, cfg), pparams, ref_params, batch, 1, with_grad=False)
   return {k: float(v) for k, v in metrics.items()}
@@ -171,7 +181,8 @@ def test_three_adamw_steps_match_trl(setup, moved):
   ocfg = ConfigDict(dict(lr=1e-3, schedule="constant", warmup_steps=0, end_lr_ratio=0.0, b1=0.9, b2=0.999,
                          eps=1e-8, weight_decay=0.0, max_grad_norm=1.0))
   tx, _ = optim.make_optimizer(ocfg, 3)
-  cfg = step_lib.StepConfig(loss=losses.DPOLossConfig(loss_type="sigmoid", beta=0.1), logprob_chunk=5)
+  cfg = step_lib.StepConfig(loss=losses.DPOLossConfig(loss_type="sigmoid", beta=0.1), logprob_chunk=5,
+                            completion_window=_window(batch))
   jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
 
   @jax.jit
@@ -232,7 +243,8 @@ def test_gradients_and_grad_norm_match_trl(setup, moved):
   tx = grad_recorder()
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
   shardings = jax.tree.map(lambda _: shd.replicated(mesh), state)
-  cfg = step_lib.StepConfig(loss=losses.DPOLossConfig(loss_type="sigmoid", beta=0.1), logprob_chunk=5)
+  cfg = step_lib.StepConfig(loss=losses.DPOLossConfig(loss_type="sigmoid", beta=0.1), logprob_chunk=5,
+                            completion_window=_window(batch))
   step = update.make_train_step(step_lib.objective(graphdef, cfg), tx, mesh, shardings,
                                 jax.tree.map(lambda _: shd.replicated(mesh), ref))
   state, metrics = step(state, ref, shd.put_batch(batch, mesh))
@@ -282,7 +294,7 @@ def _our_trajectory(graphdef, pparams, ref_params, batch, loss_cfg, steps):
   # (Adam's counts, the step) would compile the step a second time.
   state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)},
                          shd.replicated(mesh))
-  cfg = step_lib.StepConfig(loss=loss_cfg, logprob_chunk=5)
+  cfg = step_lib.StepConfig(loss=loss_cfg, logprob_chunk=5, completion_window=_window(batch))
   step = update.make_train_step(step_lib.objective(graphdef, cfg), tx, mesh,
                                 jax.tree.map(lambda _: shd.replicated(mesh), state),
                                 jax.tree.map(lambda _: shd.replicated(mesh), ref))

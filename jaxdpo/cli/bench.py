@@ -1,6 +1,6 @@
 """Throughput benchmark of the DPO train step on fixed synthetic workloads.
 
-  python -m jaxdpo.bench --workload uniform-1k [--steps 12] [--reference model|cached]
+  python -m jaxdpo.bench --workload uniform-1k [--steps 12] [--reference model|cached] [--mu-dtype bfloat16]
                          [--peer-json peer.jsonl | --run-peer ../shared/bench/trl_dpo_peer.py]
   python -m jaxdpo.bench --workload uniform-1k --analyze   # compile only: FLOPs and memory plan
 
@@ -16,8 +16,12 @@ Prints one JSON line: seconds per step (mean of the timed steps after warm-up), 
 useful tokens/s (non-padding prompt+chosen and prompt+rejected tokens), MFU against
 `--peak-tflops` (989, H200 dense bf16) with the peer's FLOP formula, peak device memory, and,
 when a peer figure for the same workload is given, the ratio ours / peer measured on the same
-machine. Speed is only ever measured here, never asserted in tests. `--analyze` compiles the
-full-size step from shapes only and reports its work and memory plan (`jaxdpo.cli.bench_analyze`).
+machine. With `--reference cached` the step runs without a reference model and the precompute
+pass (one reference forward per batch) is timed on its own: `ref_precompute_s_per_batch`,
+`ref_precompute_pairs_per_s`. The LM head scores each row's completion window
+(`completion_window`, the workload's longest completion). Speed is only ever measured here,
+never asserted in tests. `--analyze` compiles the full-size step from shapes only and reports its
+work and memory plan (`jaxdpo.cli.bench_analyze`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from jaxdpo.train import update
 from jaxdpo.parallel import sharding as shd
 from jaxdpo.objectives import dpo_losses as losses
 from jaxdpo.objectives import dpo_step as step_lib
+from jaxdpo.objectives import logprobs
 from jaxdpo.models import decoder, io, registry, remat
 from jaxdpo.models.qwen2_5_vl.config import Qwen2TextConfig, qwen2_5_3b_text
 
@@ -130,8 +135,20 @@ def block_plan(workload: str, remat_policy: str, scan_layers: str) -> decoder.Bl
   return decoder.BlockPlan(remat=remat_policy, scan=scan)
 
 
+def completion_window(w: Workload) -> int:
+  """The step's static LM-head window for a workload: its longest completion (`logprobs.window_for`)."""
+  return logprobs.window_for(max(w.chosen[1], w.rejected[1]), w.prompt[1] + max(w.chosen[1], w.rejected[1]))
+
+
+def optim_config(mu_dtype: str = "") -> ConfigDict:
+  """The bench's AdamW settings (constant lr, clipping at 1, as the peer)."""
+  return ConfigDict(dict(lr=1e-6, schedule="constant", warmup_steps=0, end_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
+                         weight_decay=0.0, max_grad_norm=1.0, mu_dtype=mu_dtype))
+
+
 def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, param_dtype: str,
-        compute_dtype: str, chunk: int, peak_tflops: float, blocks: decoder.BlockPlan = decoder.BlockPlan()) -> dict:
+        compute_dtype: str, chunk: int, peak_tflops: float, blocks: decoder.BlockPlan = decoder.BlockPlan(),
+        mu_dtype: str = "") -> dict:
   w = WORKLOADS[workload]()
   fam = registry.get_family(w.family)
   cfg = w.model
@@ -145,20 +162,17 @@ def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, p
                    out_shardings=p_sh)()
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   n_embed = cfg.vocab_size * cfg.hidden_size
-  ocfg = ConfigDict(dict(lr=1e-6, schedule="constant", warmup_steps=0, end_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
-                         weight_decay=0.0, max_grad_norm=1.0))
-  tx, schedule = optim.make_optimizer(ocfg, steps + warmup)
+  tx, schedule = optim.make_optimizer(optim_config(mu_dtype), steps + warmup)
   scfg = step_lib.StepConfig(loss=losses.DPOLossConfig(beta=0.1), compute_dtype=cdt, logprob_chunk=chunk,
-                             blocks=blocks)
+                             blocks=blocks, completion_window=completion_window(w))
   state = {"step": train.scalar_state(0, mesh), "params": params, "opt_state": train.init_opt_state(tx, params, mesh)}
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   batches = synthetic_batches(w, batch, steps + warmup, cfg.vocab_size)
-  ref = None
-  if reference == "model":
+  ref, precompute = None, {}
+  if reference == "model":  # held in the compute dtype, cast once here, as the DPO job holds it
     ref = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cdt), p), out_shardings=p_sh)(params)
-  else:  # cached: reference log-probs computed beforehand, outside the timed loop
-    fn = jax.jit(lambda p, b: step_lib.pair_logps(graphdef, p, b, scfg)[0])
-    batches = [({**b, "ref_logps": np.asarray(fn(params, shd.put_batch(b, mesh)))}, u) for b, u in batches]
+  else:  # cached: reference log-probs computed beforehand, timed on their own, outside the step's loop
+    batches, precompute = _precompute(graphdef, scfg, params, batches, mesh, warmup)
   step_fn = update.make_train_step(step_lib.objective(graphdef, scfg), tx, mesh, state_sh,
                                    None if ref is None else p_sh, schedule, grad_accum=scfg.grad_accum)
   times, first_step_s = [], None
@@ -182,7 +196,24 @@ def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, p
           "params": n_params, "step_s_mean": sec,
           "steps_timed": len(times), "first_step_s": first_step_s, "pairs_per_s": batch / sec, "tokens_per_s": useful / sec,
           "mfu_vs_peak": flops / sec / (peak_tflops * 1e12),
-          "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None, "loss": float(metrics["loss"])}
+          "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None, "loss": float(metrics["loss"]),
+          "completion_window": scfg.completion_window, "mu_dtype": mu_dtype or param_dtype, **precompute}
+
+
+def _precompute(graphdef, scfg, params, batches, mesh, warmup: int):
+  """`--reference cached`: the reference log-probs of every batch (the DPO job's precompute pass,
+  `jobs.dpo.precompute_reference`, one batch at a time), timed per batch after `warmup` batches."""
+  fn = jax.jit(lambda p, b: step_lib.pair_logps(graphdef, p, b, scfg)[0])
+  out, times = [], []
+  for i, (b, u) in enumerate(batches):
+    t0 = time.perf_counter()
+    logps = np.asarray(jax.device_get(fn(params, shd.put_batch(b, mesh))))
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+    out.append(({**b, "ref_logps": logps}, u))
+  sec = float(np.mean(times)) if times else None
+  return out, {"ref_precompute_s_per_batch": sec, "ref_precompute_pairs_per_s": len(batches[0][0]["input_ids"]) / sec
+               if sec else None}
 
 
 def _peer(args, workload: str) -> dict | None:
@@ -218,6 +249,7 @@ def main(argv=None) -> int:
                   help="decoder-block remat policy (train.remat); see jaxdpo.models.remat")
   ap.add_argument("--scan-layers", choices=("auto", "on", "off"), default="auto",
                   help="scan over the decoder layers (train.scan_layers); auto: on except for the tiny workloads")
+  ap.add_argument("--mu-dtype", default="", help="AdamW first-moment dtype (optim.mu_dtype); '' = the param dtype")
   ap.add_argument("--peak-tflops", type=float, default=989.0)
   ap.add_argument("--peer-json", help="JSON lines printed by the peer script on this machine")
   ap.add_argument("--run-peer", help="path of shared/bench/trl_dpo_peer.py, to run it here first")
@@ -242,18 +274,18 @@ def main(argv=None) -> int:
         peer_script=args.run_peer, timeout_s=args.run_timeout,
         extra_args=("--param-dtype", args.param_dtype, "--compute-dtype", args.compute_dtype,
                     "--logprob-chunk", str(args.logprob_chunk), "--peak-tflops", str(args.peak_tflops),
-                    "--remat", args.remat, "--scan-layers", args.scan_layers)))
+                    "--remat", args.remat, "--scan-layers", args.scan_layers, "--mu-dtype", args.mu_dtype)))
     return 0
   blocks = block_plan(args.workload, args.remat, args.scan_layers)
   if args.analyze:
     from jaxdpo.cli import bench_analyze
     print(json.dumps(bench_analyze.analyze(args.workload, batch=args.batch, reference=args.reference,
                                            param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
-                                           chunk=args.logprob_chunk, blocks=blocks)))
+                                           chunk=args.logprob_chunk, blocks=blocks, mu_dtype=args.mu_dtype)))
     return 0
   result = run(args.workload, steps=args.steps, warmup=args.warmup, batch=args.batch, reference=args.reference,
                param_dtype=args.param_dtype, compute_dtype=args.compute_dtype, chunk=args.logprob_chunk,
-               peak_tflops=args.peak_tflops, blocks=blocks)
+               peak_tflops=args.peak_tflops, blocks=blocks, mu_dtype=args.mu_dtype)
   peer = _peer(args, args.workload)
   if peer:
     result["peer"] = peer.get("peer")

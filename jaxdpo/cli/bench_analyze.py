@@ -4,15 +4,17 @@ The train step is compiled ahead of time on the current backend from shapes only
 (`ShapeDtypeStruct`s for parameters, optimizer state, reference and batch), so nothing the size
 of the model is allocated. One JSON line reports:
 
-  xla_flops        XLA's cost analysis of the step with every loop unrolled: the LM head's chunk
-                   loop (`StepConfig.logprob_unroll`) and, with `--scan-layers`, the layer scans
-                   (`BlockPlan.unroll`), both the same values. XLA's `HloCostAnalysis` counts a
-                   while-loop body once, whatever its trip count, so the count is made on that
-                   unrolled program while compile_s and the memory plan come from the real (rolled)
-                   one. The count is taken on the lowered (pre-optimisation) module: remat
-                   recomputation is already explicit there, and no second full compile is needed.
-                   `loops_in_count` is the number of while loops left in the counted module
-                   (0: the count covers every iteration).
+  xla_flops        XLA's cost analysis of the step with every loop unrolled: the fused LM head's
+                   chunk loops (its forward, and its custom-VJP backward, which the step's gradient
+                   traces into the same module; `StepConfig.logprob_unroll`) and, with
+                   `--scan-layers`, the layer scans (`BlockPlan.unroll`), both the same values. XLA's
+                   `HloCostAnalysis` counts a while-loop body once, whatever its trip count, so the
+                   count is made on that unrolled program while compile_s and the memory plan come
+                   from the real (rolled) one. The head runs on each row's completion window
+                   (`bench.completion_window`), as the bench and the job run it. The count is taken
+                   on the lowered (pre-optimisation) module: remat recomputation is already explicit
+                   there, and no second full compile is needed. `loops_in_count` is the number of
+                   while loops left in the counted module (0: the count covers every iteration).
   useful_flops     `shared/bench/README.md`'s formula, on the useful tokens of the batches the
                    bench times (same seed): tokens x (2 non-embedding params + 2VD + 2LTD) x 4
                    (policy fwd+bwd, reference fwd), x 3 with a cached reference.
@@ -35,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from ml_collections import ConfigDict
 
 from jaxdpo.models import decoder, io, registry
 from jaxdpo.objectives import dpo_losses as losses
@@ -68,7 +69,8 @@ def _abstract_state(abstract_params, tx, mesh):
 
 
 def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, compute_dtype: str, chunk: int,
-            compile: bool = True, blocks: decoder.BlockPlan = decoder.BlockPlan(), count_flops: bool = True) -> dict:
+            compile: bool = True, blocks: decoder.BlockPlan = decoder.BlockPlan(), count_flops: bool = True,
+            mu_dtype: str = "") -> dict:
   """Compiles the full-size step from shapes and returns the fields in the module docstring.
 
   With `compile=False` only the FLOP count is made (lowering only; no memory plan, no compile_s);
@@ -82,9 +84,7 @@ def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, comp
   impl = "cudnn" if jax.default_backend() == "gpu" and cdt.itemsize == 2 else "xla"
   graphdef, abstract = io.build_abstract(fam, cfg, pdt, impl)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.to_pure_dict(abstract)))
-  ocfg = ConfigDict(dict(lr=1e-6, schedule="constant", warmup_steps=0, end_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
-                         weight_decay=0.0, max_grad_norm=1.0))
-  tx, schedule = optim.make_optimizer(ocfg, 12)
+  tx, schedule = optim.make_optimizer(bench.optim_config(mu_dtype), 12)
   state, p_sh = _abstract_state(abstract, tx, mesh)
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   ref = None
@@ -95,7 +95,7 @@ def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, comp
     sample["ref_logps"] = np.zeros((1, 2), np.float32)
   batch_sds = memory.abstract_batch(sample, batch, mesh)
   scfg = step_lib.StepConfig(loss=losses.DPOLossConfig(beta=0.1), compute_dtype=cdt, logprob_chunk=chunk,
-                             blocks=blocks)
+                             blocks=blocks, completion_window=bench.completion_window(w))
 
   def lowered(cfg_):
     step_fn = update.make_train_step(step_lib.objective(graphdef, cfg_), tx, mesh, state_sh,
@@ -129,4 +129,5 @@ def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, comp
           "settings": {"batch": batch, "reference": reference, "param_dtype": param_dtype,
                        "compute_dtype": compute_dtype, "logprob_chunk": chunk, "attention_impl": impl,
                        "remat": blocks.remat, "scan_layers": blocks.scan,
+                       "completion_window": scfg.completion_window, "mu_dtype": mu_dtype or param_dtype,
                        "devices": mesh.size, "backend": jax.default_backend()}}

@@ -33,6 +33,25 @@ def block_plan(config) -> decoder.BlockPlan:
   return decoder.BlockPlan(remat=config.train.remat, scan=bool(config.train.scan_layers))
 
 
+def completion_window(config, completion_lengths) -> int:
+  """The step's static LM-head window (`logprobs.window_for`): the longest completion of the
+  run's tokenized data (train and eval), so one compile serves every batch."""
+  from jaxdpo.objectives import logprobs
+  return logprobs.window_for(max(completion_lengths, default=1), config.data.max_length)
+
+
+def window_checked(collate, window: int, where: str):
+  """`collate`, then the batch's completion spans checked against the window (`logprobs.check_window`):
+  a completion the step would cut is refused by name instead."""
+  from jaxdpo.objectives import logprobs
+
+  def fn(items):
+    batch = collate(items)
+    logprobs.check_window(batch["loss_mask"], window, where)
+    return batch
+  return fn
+
+
 def vision_adapter(config, tok) -> adapters.VisionAdapter | None:
   """The image adapter of `config.model`'s family (None for text-only families)."""
   family, model_cfg = model_setup.resolve_model(config.model)

@@ -87,6 +87,7 @@ def base() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.0
   c.optim.max_grad_norm = 1.0       # global-norm clipping; 0 = off
+  c.optim.mu_dtype = ""             # "" = the parameter dtype | float32 | bfloat16: AdamW's first moment (bf16 halves it)
 
   c.generate = ml_collections.ConfigDict()
   c.generate.max_new_tokens = 64

@@ -103,6 +103,14 @@ def tokenize_checked(source: str, tok, config, workdir: str, skips: skipping.Ski
   return out
 
 
+def reference_copy(bundle, compute_dtype):
+  """The frozen reference: the initial policy cast ONCE to the compute dtype (the only dtype the step
+  reads it in), in separate buffers, since the train state is donated. fp32 params with bf16 compute
+  hold a half-size reference, and the step casts nothing for it."""
+  cast = lambda x: x.astype(compute_dtype) if x.dtype != compute_dtype else x.copy()
+  return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=bundle.param_shardings)(bundle.params)
+
+
 def precompute_reference(bundle, examples, scfg, mesh, batch_size: int, collate, desc: str):
   """Reference log-probs of every pair, computed once by the initial policy (no reference in memory later)."""
   # Replicated output: every host reads all rows, even those held by other hosts' devices.
@@ -171,9 +179,14 @@ def prepare(config, workdir: str, *, check_cache: bool = True) -> Prepared:
   bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed,
                                    lora_cfg=lora_lib.from_config(config.lora))
   common.check_vocab(tok, bundle.config, config.data.tokenizer)
-  scfg = step_config(config, bundle.family)
+  # The LM head scores each row's completion window only: its static size covers every pair here.
+  window = common.completion_window(config, [max(len(e.chosen), len(e.rejected))
+                                             for e in train_examples + eval_examples])
+  scfg = dataclasses.replace(step_config(config, bundle.family), completion_window=window)
   pad_id = tokenize.pad_token_id(tok)
-  collate = lambda b: pipeline.collate_pairs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision)
+  collate = common.window_checked(
+      lambda b: pipeline.collate_pairs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision),
+      window, "preference batch")
   return Prepared(mesh, rules, tok, vision, degen_vision, skips, train_examples, eval_examples, plan, bundle, scfg,
                   collate)
 
@@ -200,9 +213,7 @@ def run(config, workdir: str) -> dict:
     elif scfg.lora_reference:
       pass  # LoRA: the step evaluates the policy with B = 0 as the reference; no copy of the base
     else:
-      # A frozen copy of the initial policy: separate buffers, since the train state is donated.
-      ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p),
-                           out_shardings=bundle.param_shardings)(bundle.params)
+      ref_params = reference_copy(bundle, scfg.compute_dtype)
 
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
   mask = model_setup.trainable_mask(config.model, bundle)

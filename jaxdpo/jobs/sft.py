@@ -58,7 +58,8 @@ def run(config, workdir: str) -> dict:
   bundle = model_setup.setup_model(config.model, mesh, rules, seed=config.seed,
                                    lora_cfg=lora_lib.from_config(config.lora))
   common.check_vocab(tok, bundle.config, config.data.tokenizer)
-  scfg = sft_step.SFTStepConfig(**common.compute_settings(config, bundle.family))
+  window = common.completion_window(config, [len(e.completion) for e in examples + eval_examples])
+  scfg = sft_step.SFTStepConfig(**common.compute_settings(config, bundle.family), completion_window=window)
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
   mask = model_setup.trainable_mask(config.model, bundle)
   state = train.init_state(bundle, tx, mesh, mask)
@@ -66,7 +67,9 @@ def run(config, workdir: str) -> dict:
                                    jax.tree.map(lambda x: x.sharding, state), None, schedule, grad_accum=scfg.grad_accum,
                                    debug_nonfinite_step=config.train.debug_nonfinite_step, trainable_mask=mask)
   pad_id = tokenize.pad_token_id(tok)
-  collate = lambda b: pipeline.collate_seqs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision)
+  collate = common.window_checked(
+      lambda b: pipeline.collate_seqs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision),
+      window, "sft batch")
   # As in the DPO job: every host walks the same global order and collates only its own rows,
   # so the trajectory does not depend on the number of hosts.
   rows = distributed.host_rows(mesh, config.train.batch_size)

@@ -117,6 +117,8 @@ def _check_optim(config):
   _at_least(config, "optim.warmup_steps", 0)
   _at_least(config, "optim.weight_decay", 0.0)
   _at_least(config, "optim.max_grad_norm", 0.0, note=" (0 = no clipping)")
+  if _has(config, "optim.mu_dtype"):
+    _one_of(config, "optim.mu_dtype", ("",) + DTYPES)
   for key in ("optim.b1", "optim.b2", "optim.end_lr_ratio"):
     value = _get(config, key)
     if not 0.0 <= value <= 1.0:

@@ -41,8 +41,9 @@ def length_desensitized(per_tok_BST, mask_BST, ld_alpha: float):
   count fully, the later ones (the longer completion's tail) with weight `ld_alpha`.
 
   Args:
-    per_tok_BST: masked per-token log-probs [B, 2, T-1] (0 off the completion).
-    mask_BST: the completion mask aligned with them (`loss_mask[..., 1:]`).
+    per_tok_BST: masked per-token log-probs [B, 2, K] in sequence order (0 off the completion):
+      the whole row (K = T-1) or a completion window (`logprobs.completion_logps`).
+    mask_BST: the completion mask aligned with them (`loss_mask[..., 1:]` on the whole row).
     ld_alpha: the tail weight; 1 gives the plain sums.
   """
   mask = mask_BST.astype(jnp.float32)

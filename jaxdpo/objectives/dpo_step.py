@@ -49,13 +49,20 @@ class StepConfig:
   model_inputs: Callable[[dict, int], dict] = batching.text_inputs
   lora_reference: bool = False  # LoRA: the reference is the policy with its adapters off (`models.lora.disabled`)
   blocks: decoder.BlockPlan = decoder.BlockPlan()  # remat policy and layer scan of the decoder blocks
+  # Static completion window (`logprobs.completion_logps`): the LM head scores this many positions per row from
+  # the completion's start instead of all T-1. None: the whole row. Jobs derive it from their data
+  # (`logprobs.window_for`) and refuse longer completions on the host (`logprobs.check_window`).
+  completion_window: int | None = None
 
   def __post_init__(self):
     losses.check_grad_accum(self.loss, self.grad_accum)
 
 
 def pair_logps(graphdef, params, batch, cfg: StepConfig):
-  """Summed completion log-probs [B, 2], per-token log-probs [B, 2, T-1], token counts [B, 2].
+  """Summed completion log-probs [B, 2], per-token log-probs [B, 2, K], token counts [B, 2].
+
+  K is T-1 (the whole row) or `cfg.completion_window`; the per-token values are in sequence
+  order, 0 off the completion.
 
   With `cfg.loss.ld_alpha` < 1 the sums are LD-DPO's (`dpo_losses.length_desensitized`), for the
   policy and the (live or cached) reference alike, as TRL computes both.
@@ -65,13 +72,13 @@ def pair_logps(graphdef, params, batch, cfg: StepConfig):
   flat = cfg.model_inputs(batch, 2)  # rows c0, r0, c1, r1, ...
   with decoder.planned(cfg.blocks):
     h_BTD = model.hidden_states(flat)
-  seq, per_tok, counts = logprobs.completion_logps(h_BTD, model.unembedding(), flat["input_ids"], flat["loss_mask"],
-                                                   chunk_size=cfg.logprob_chunk, logit_softcap=softcap(cfg, model),
-                                                   unroll=cfg.logprob_unroll)
+  out = logprobs.completion_logps(h_BTD, model.unembedding(), flat["input_ids"], flat["loss_mask"],
+                                  chunk_size=cfg.logprob_chunk, logit_softcap=softcap(cfg, model),
+                                  unroll=cfg.logprob_unroll, window=cfg.completion_window)
   b = batch["input_ids"].shape[0]
-  seq, per_tok, counts = seq.reshape(b, 2), per_tok.reshape(b, 2, -1), counts.reshape(b, 2)
-  if cfg.loss.ld_alpha != 1.0:
-    seq = losses.length_desensitized(per_tok, batch["loss_mask"][..., 1:], cfg.loss.ld_alpha)
+  seq, per_tok, counts = out.sums.reshape(b, 2), out.per_token.reshape(b, 2, -1), out.counts.reshape(b, 2)
+  if cfg.loss.ld_alpha != 1.0:  # the window keeps the tokens' order, so LD-DPO's token index is unchanged
+    seq = losses.length_desensitized(per_tok, out.mask.reshape(b, 2, -1), cfg.loss.ld_alpha)
   return seq, per_tok, counts
 
 
@@ -95,8 +102,8 @@ def loss_terms(params, ref_params, batch, graphdef, cfg: StepConfig, n_pairs, n_
   The loss is normalised by the *global* pair and token counts, so summing the shares of
   micro-batches gives exactly the loss (and gradient) of the whole batch.
 
-  When the policy equals the reference bit for bit (step 1), the reference log-probs are the
-  policy's own, so rewards, margins and accuracy are exactly 0 as in TRL. Otherwise the two
+  When the policy equals the reference bit for bit in the compute dtype (step 1), the reference
+  log-probs are the policy's own, so rewards, margins and accuracy are exactly 0 as in TRL. Otherwise the two
   forward passes, compiled differently (only one is differentiated), differ by rounding (~1e-6)
   and step 1's accuracy is noise. The comparison reads both trees once per micro-batch, which
   the two forward passes read anyway.
@@ -111,7 +118,10 @@ def loss_terms(params, ref_params, batch, graphdef, cfg: StepConfig, n_pairs, n_
       ref_params = lora.disabled(params)
     ref, _, _ = pair_logps(graphdef, jax.lax.stop_gradient(ref_params), batch, cfg)
     ref = jax.lax.stop_gradient(ref)
-    ref = jnp.where(params_identical(params, ref_params), jax.lax.stop_gradient(seq), ref)
+    # The reference is held in the compute dtype (`jobs.dpo.reference_copy`): compare what the step reads.
+    cast = lambda tree: jax.tree.map(lambda p: p.astype(cfg.compute_dtype), tree)
+    same = params_identical(cast(params), cast(ref_params))
+    ref = jnp.where(same, jax.lax.stop_gradient(seq), ref)
   pl, ratio_c, ratio_r = losses.pair_losses(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],
                                             cfg.loss)
   loss = pl.sum() / n_pairs

@@ -29,6 +29,7 @@ class SFTStepConfig:
   logit_softcap: float | None = None  # None: the model's own soft cap
   model_inputs: Callable[[dict, int], dict] = batching.text_inputs  # the family's `Family.model_inputs`
   blocks: decoder.BlockPlan = decoder.BlockPlan()  # remat policy and layer scan of the decoder blocks
+  completion_window: int | None = None  # static LM-head window (`dpo_step.StepConfig.completion_window`)
 
 
 def nll_terms(params, batch, graphdef, cfg: SFTStepConfig, n_tokens):
@@ -37,10 +38,12 @@ def nll_terms(params, batch, graphdef, cfg: SFTStepConfig, n_tokens):
   model = nnx.merge(graphdef, params)
   with decoder.planned(cfg.blocks):
     h_BTD = model.hidden_states(cfg.model_inputs(batch, 1))
-  seq, _, counts = logprobs.completion_logps(h_BTD, model.unembedding(), batch["input_ids"], batch["loss_mask"],
-                                             chunk_size=cfg.logprob_chunk, logit_softcap=logprobs.resolve_softcap(cfg.logit_softcap, model))
-  nll = -seq.sum()
-  return nll / jnp.maximum(n_tokens, 1.0), {"tokens": counts.sum()}
+  out = logprobs.completion_logps(h_BTD, model.unembedding(), batch["input_ids"], batch["loss_mask"],
+                                  chunk_size=cfg.logprob_chunk,
+                                  logit_softcap=logprobs.resolve_softcap(cfg.logit_softcap, model),
+                                  window=cfg.completion_window)
+  nll = -out.sums.sum()
+  return nll / jnp.maximum(n_tokens, 1.0), {"tokens": out.counts.sum()}
 
 
 def objective(graphdef, cfg: SFTStepConfig):

@@ -39,8 +39,9 @@ class MemoryPlan:
 
   Attributes:
     params: the policy's parameters.
-    opt_state: optimizer state (AdamW: mu and nu, each the size of the parameters, plus counters).
-    reference: the frozen reference copy (0 for `dpo.reference=cached` or reference-free).
+    opt_state: optimizer state (AdamW: mu and nu, each the size of the parameters (mu in `optim.mu_dtype`),
+      plus counters).
+    reference: the frozen reference copy, in the compute dtype (0 for `dpo.reference=cached` or reference-free).
     gradients: one gradient tree over the trainable parameters (eval_shape source; inside `activations` once
       compiled, where XLA counts it among the temporaries).
     activations: estimated saved activations (eval_shape), or the compiled program's temporaries
@@ -263,8 +264,11 @@ def plan_dpo(run: DPORun, mesh, rules=shd.DEFAULT_RULES) -> MemoryPlan:
     # forward's stacked copy is live at a time (the policy's replaces its compute-dtype cast).
     acts += _layer_bytes(params, np.dtype(run.compute_dtype).itemsize)
   batch_bytes = 4 * 4 * 2 * seq * max(1, run.batch_size // data_ways)  # 4 int32 [B, 2, T] arrays
+  # The reference copy is held in the compute dtype (cast once at load, `jobs.dpo.reference_copy`).
+  ref_bytes = per_device_bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, run.compute_dtype,
+                                                                           sharding=x.sharding), params))
   return MemoryPlan(params=param_bytes, opt_state=per_device_bytes(opt),
-                    reference=param_bytes if has_ref_model else 0, gradients=per_device_bytes(trained),
+                    reference=ref_bytes if has_ref_model else 0, gradients=per_device_bytes(trained),
                     activations=acts,
                     batch=batch_bytes, source="eval_shape", num_devices=mesh.size, fsdp=mesh.shape["fsdp"],
                     remat=run.remat)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxdpo.errors import ConfigError
@@ -30,8 +31,21 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+MU_DTYPES = ("", "float32", "bfloat16")
+
+
+def mu_dtype_of(name: str):
+  """`optim.mu_dtype` as a dtype: "" -> None (AdamW's first moment in each parameter's dtype)."""
+  if name not in MU_DTYPES:
+    raise ConfigError(f"config.optim.mu_dtype={name!r}; expected '' (the parameter dtype), float32 or bfloat16")
+  return jnp.dtype(name) if name else None
+
+
 def make_optimizer(optim, total_steps: int):
   """AdamW with gradient clipping and a schedule, from the `config.optim` block.
+
+  `optim.mu_dtype` (optional; "" when absent) stores AdamW's first moment in that dtype (bf16
+  halves it); the second moment stays in the parameter dtype, as optax keeps it.
 
   Returns:
     (optax transformation, schedule function).
@@ -41,5 +55,5 @@ def make_optimizer(optim, total_steps: int):
   if optim.max_grad_norm and optim.max_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(optim.max_grad_norm))
   parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-                           mask=decay_mask))
+                           mask=decay_mask, mu_dtype=mu_dtype_of(optim.get("mu_dtype", ""))))
   return optax.chain(*parts), schedule
