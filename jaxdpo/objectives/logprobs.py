@@ -5,8 +5,10 @@ each chunk's logits are formed, reduced to (log-softmax at the target) and dropp
 its own VJP (`jax.custom_vjp`): the forward keeps only h, W, the targets and the per-position
 fp32 logsumexp; the backward recomputes each chunk's logits once, forms the softmax from the
 saved logsumexp and emits dh for the chunk and its share of dW (accumulated in fp32) in the same
-pass. Autodiff of the plain chunk loop under `jax.checkpoint` did the same work with one more
-forward matmul per chunk and a dW accumulated in the compute dtype.
+pass. That is the same matmul count as autodiff of a `jax.checkpoint`ed chunk (forward, one
+recompute, dh, dW: recomputing the logits is the least a VJP that stores none can do); what the
+custom VJP changes is that dW is accumulated in fp32 across chunks (autodiff summed it in the
+compute dtype), the softmax comes from the saved lse, and the backward is one explicit pass.
 
 Callers score only the positions that matter: `completion_logps` with a static `window` gathers
 each row's completion predictors (`gather_positions`) before the head, so the head's cost
