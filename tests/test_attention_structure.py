@@ -160,3 +160,36 @@ def test_splash_is_refused_not_run_densely():
   q, k, v = _qkv()
   with pytest.raises(NotImplementedError, match="splash"):
     attention.attend(q, k, v, st, scale=0.3, implementation="splash")
+
+
+@pytest.mark.parametrize("layout", ["pairs", "shared"])
+def test_dpo_step_on_cudnn_builds_no_mask(pretend_cudnn, layout):
+  """The whole DPO loss and gradient of the bench's ocr-tiny workload (bf16 compute, cuDNN
+  attention, live reference), lowered for CUDA: flash calls in every layer, forward and backward,
+  and no tensor ending in [T, T] anywhere in the program. (ocr-tiny: T = 160 two-row, 224 shared,
+  unlike any model width; "tiny" has T = 128 = its MLP width, whose activations would match.)"""
+  from flax import nnx
+
+  from jaxdpo.cli import bench
+  from jaxdpo.models import registry
+  from jaxdpo.objectives import dpo_losses, dpo_step
+  from jaxdpo.train import update
+  w = bench.WORKLOADS["ocr-tiny"]()
+  fam = registry.get_family(w.family)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: fam.build(w.model, nnx.Rngs(0), jnp.float32, "cudnn")),
+                                 nnx.Param)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract))
+  batch, _ = bench.synthetic_batches(w, 2, 1, w.model.vocab_size, layout=layout)[0]
+  t = batch["input_ids"].shape[-1]
+  assert t not in (w.model.hidden_size, w.model.intermediate_size, w.model.vocab_size)
+  cfg = dpo_step.StepConfig(loss=dpo_losses.DPOLossConfig(beta=0.1), compute_dtype=jnp.bfloat16, logprob_chunk=64)
+
+  def grads(params, ref, batch):
+    return update.accumulated(dpo_step.objective(graphdef, cfg), params, ref, batch, 1, with_grad=True)
+  hlo = _lower_for_cuda(grads, params, params, {k: jnp.asarray(v) for k, v in batch.items()})
+  layers = w.model.num_layers
+  calls = (1 if layout == "pairs" else 2) * layers
+  # Policy forward + reference forward, and the policy's backward.
+  assert hlo.count("custom_call @__cudnn$fmhaSoftmax(") == 2 * calls
+  assert hlo.count("custom_call @__cudnn$fmhaSoftmaxBackward(") == calls
+  assert dense_mask_tensors(hlo, t, t) == set()

@@ -24,8 +24,12 @@ def test_bench_reports_throughput_and_peer_ratio(tmp_path, capsys):
 
 def test_ocr_workload_matches_its_definition():
   w = bench.WORKLOADS["ocr-2k"]()
-  batches = bench.synthetic_batches(w, 8, 4, vocab=1000)
-  for b, useful in batches:
+  batches = bench.synthetic_batches(w, 8, 4, vocab=1000, layout="pairs")
+  shared = bench.synthetic_batches(w, 8, 4, vocab=1000)  # the bench's default layout, same pairs
+  for (b, useful), (s, s_useful) in zip(batches, shared):
+    # One row [P | C | R] per pair holds each prompt once: the two rows' tokens minus one prompt each.
+    assert s_useful == useful and s["input_ids"].shape == (8, 1280 + 1024 + 1024)
+    assert int(s["segment_ids"].sum()) == useful - int((b["segment_ids"] - b["loss_mask"])[:, 0].sum())
     assert b["input_ids"].shape == (8, 2, 1280 + 1024)
     lengths = b["segment_ids"].sum(-1)  # [B, 2]
     completions = b["loss_mask"].sum(-1)

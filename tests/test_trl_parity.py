@@ -16,7 +16,8 @@ import optax
 import pytest
 import torch
 
-from jaxdpo.data.pipeline import collate_pairs
+from jaxdpo.data import shared_rows
+from jaxdpo.data.pipeline import collate_pairs, collate_shared
 from jaxdpo.data.tokenize import TokenizedPair
 from jaxdpo.objectives import dpo_losses as losses
 from jaxdpo.objectives import dpo_step as step_lib
@@ -60,10 +61,13 @@ def _trl_metrics(trainer):
   return got
 
 
-def _our_batch(trainer):
+def _our_batch(trainer, layout="pairs"):
   pairs = [TokenizedPair(f"pair {i}", list(e["prompt_ids"]), list(e["chosen_ids"]), list(e["rejected_ids"]))
            for i, e in enumerate(trainer.train_dataset)]
   t = max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs) + 3  # extra padding on purpose
+  if layout == "shared":  # one row [prompt | chosen | rejected] per pair (issue 16)
+    length, slots = shared_rows.shape_for(pairs)
+    return collate_shared(pairs, max_length=t, pad_id=0, length=length, slots=slots)
   return collate_pairs(pairs, max_length=t, pad_id=0)
 
 
@@ -160,10 +164,11 @@ def test_label_smoothing_robust_and_cdpo(setup, moved):
   assert ours_cdpo["loss"] != pytest.approx(sigmoid["loss"], rel=1e-3)  # smoothing really changed it
 
 
-def test_rpo_alpha_matches_trl_sft_term(setup, moved):
+@pytest.mark.parametrize("layout", ["pairs", "shared"])
+def test_rpo_alpha_matches_trl_sft_term(setup, moved, layout):
   trainer, theirs, graphdef, pparams, ref_params = _metrics_moved(setup, moved, ["sigmoid", "sft"],
                                                                   loss_weights=[1.0, 0.5])
-  ours = _ours_moved(graphdef, pparams, ref_params, _our_batch(trainer),
+  ours = _ours_moved(graphdef, pparams, ref_params, _our_batch(trainer, layout),
                      losses.DPOLossConfig(loss_type="sigmoid", beta=0.1, rpo_alpha=0.5))
   _assert_close(ours, theirs, ("loss",) + METRICS)
 
@@ -224,9 +229,11 @@ def _trl_gradients(trainer):
   return grads, float(logged[0])
 
 
-def test_gradients_and_grad_norm_match_trl(setup, moved):
+@pytest.mark.parametrize("layout", ["pairs", "shared"])
+def test_gradients_and_grad_norm_match_trl(setup, moved, layout):
   """The train step's raw gradient (per tensor, relative to each tensor's max) and its logged
-  grad_norm equal TRL's. Parameters after clipping + Adam cannot show a constant gradient factor."""
+  grad_norm equal TRL's, in both pair layouts. Parameters after clipping + Adam cannot show a
+  constant gradient factor."""
   from jaxdpo.models import registry
   from jaxdpo.models.convert_table import jax_to_hf
   from jaxdpo.parallel import sharding as shd
@@ -234,7 +241,7 @@ def test_gradients_and_grad_norm_match_trl(setup, moved):
   tmp, hf, _, graphdef, ref_params = setup
   policy, pparams = moved
   trainer = _trainer(tmp, _copy(policy), _copy(hf), ["sigmoid"], beta=0.1, max_steps=1)
-  batch = _our_batch(trainer)
+  batch = _our_batch(trainer, layout)
   theirs, trl_grad_norm = _trl_gradients(trainer)
 
   mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from jaxdpo.data import shared_rows
 from jaxdpo.train import optim
 from jaxdpo.train import loop as train
 from jaxdpo.train import update
@@ -89,20 +90,31 @@ WORKLOADS = {
 }
 
 
-def synthetic_batches(w: Workload, batch: int, n: int, vocab: int, seed: int = 0):
-  """n batches in the step's [B, 2, T] layout, T = max prompt + max completion; useful-token counts."""
+def synthetic_batches(w: Workload, batch: int, n: int, vocab: int, seed: int = 0, layout: str = "shared"):
+  """n batches and their useful-token counts (non-padding prompt+chosen and prompt+rejected tokens).
+
+  layout "pairs": the two-row [B, 2, T] layout, T = max prompt + max completion; "shared": one
+  row [P | C | R] per pair (`jaxdpo.data.shared_rows`), T = max prompt + max chosen + max
+  rejected, K = the longest completion. The same pairs either way (same seed).
+  """
+  if layout not in shared_rows.LAYOUTS:
+    raise ValueError(f"layout {layout!r}; expected one of {shared_rows.LAYOUTS}")
   rng = np.random.default_rng(seed)
   t = w.prompt[1] + max(w.chosen[1], w.rejected[1])
+  shape = (shared_rows.round_up(w.prompt[1] + w.chosen[1] + w.rejected[1]),
+           shared_rows.round_up(max(w.chosen[1], w.rejected[1])))
   out = []
   for _ in range(n):
     b = {k: np.zeros((batch, 2, t), np.int32) for k in step_lib.PAIR_KEYS}
     useful = 0
+    prompts = []
     for i in range(batch):
       p = int(rng.integers(w.prompt[0], w.prompt[1] + 1))
       c = int(rng.integers(w.chosen[0], w.chosen[1] + 1))
       loop = rng.random() < w.loop_share
       r = w.rejected[1] if loop else int(rng.integers(w.rejected[0], w.rejected[1] + 1))
       prompt = rng.integers(0, vocab, p)
+      prompts.append(p)
       phrase = rng.integers(0, vocab, 8)
       comps = (rng.integers(0, vocab, c), np.resize(phrase, r) if loop else rng.integers(0, vocab, r))
       for j, comp in enumerate(comps):
@@ -112,6 +124,8 @@ def synthetic_batches(w: Workload, batch: int, n: int, vocab: int, seed: int = 0
         b["positions"][i, j, :len(seq)] = np.arange(len(seq))
         b["loss_mask"][i, j, p:len(seq)] = 1
         useful += len(seq)
+    if layout == "shared":
+      b = shared_rows.from_pairs(b, prompts, length=shape[0], slots=shape[1])
     out.append((b, useful))
   return out
 
@@ -148,7 +162,7 @@ def optim_config(mu_dtype: str = "") -> ConfigDict:
 
 def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, param_dtype: str,
         compute_dtype: str, chunk: int, peak_tflops: float, blocks: decoder.BlockPlan = decoder.BlockPlan(),
-        mu_dtype: str = "") -> dict:
+        mu_dtype: str = "", layout: str = "shared") -> dict:
   w = WORKLOADS[workload]()
   fam = registry.get_family(w.family)
   cfg = w.model
@@ -167,7 +181,7 @@ def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, p
                              blocks=blocks, completion_window=completion_window(w))
   state = {"step": train.scalar_state(0, mesh), "params": params, "opt_state": train.init_opt_state(tx, params, mesh)}
   state_sh = jax.tree.map(lambda x: x.sharding, state)
-  batches = synthetic_batches(w, batch, steps + warmup, cfg.vocab_size)
+  batches = synthetic_batches(w, batch, steps + warmup, cfg.vocab_size, layout=layout)
   ref, precompute = None, {}
   if reference == "model":  # held in the compute dtype, cast once here, as the DPO job holds it
     ref = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cdt), p), out_shardings=p_sh)(params)
@@ -191,7 +205,7 @@ def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, p
   flops = useful * model_flops_per_token(n_params, n_embed, cfg, seq) * (3 + (1 if reference == "model" else 0))
   stats = jax.devices()[0].memory_stats() or {}
   return {"impl": "jaxdpo", "workload": workload, "backend": jax.default_backend(),
-          "device": jax.devices()[0].device_kind, "batch": batch, "reference": reference,
+          "device": jax.devices()[0].device_kind, "batch": batch, "reference": reference, "layout": layout,
           "param_dtype": param_dtype, "compute_dtype": compute_dtype, "remat": blocks.remat, "scan_layers": blocks.scan,
           "params": n_params, "step_s_mean": sec,
           "steps_timed": len(times), "first_step_s": first_step_s, "pairs_per_s": batch / sec, "tokens_per_s": useful / sec,
@@ -250,6 +264,9 @@ def main(argv=None) -> int:
   ap.add_argument("--scan-layers", choices=("auto", "on", "off"), default="auto",
                   help="scan over the decoder layers (train.scan_layers); auto: on except for the tiny workloads")
   ap.add_argument("--mu-dtype", default="", help="AdamW first-moment dtype (optim.mu_dtype); '' = the param dtype")
+  ap.add_argument("--layout", choices=shared_rows.LAYOUTS, default="shared",
+                  help="pair layout: shared = one row [prompt | chosen | rejected] per pair (the prompt computed "
+                       "once); pairs = two rows per pair")
   ap.add_argument("--peak-tflops", type=float, default=989.0)
   ap.add_argument("--peer-json", help="JSON lines printed by the peer script on this machine")
   ap.add_argument("--run-peer", help="path of shared/bench/trl_dpo_peer.py, to run it here first")
@@ -274,18 +291,20 @@ def main(argv=None) -> int:
         peer_script=args.run_peer, timeout_s=args.run_timeout,
         extra_args=("--param-dtype", args.param_dtype, "--compute-dtype", args.compute_dtype,
                     "--logprob-chunk", str(args.logprob_chunk), "--peak-tflops", str(args.peak_tflops),
-                    "--remat", args.remat, "--scan-layers", args.scan_layers, "--mu-dtype", args.mu_dtype)))
+                    "--remat", args.remat, "--scan-layers", args.scan_layers, "--mu-dtype", args.mu_dtype,
+                    "--layout", args.layout)))
     return 0
   blocks = block_plan(args.workload, args.remat, args.scan_layers)
   if args.analyze:
     from jaxdpo.cli import bench_analyze
     print(json.dumps(bench_analyze.analyze(args.workload, batch=args.batch, reference=args.reference,
                                            param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
-                                           chunk=args.logprob_chunk, blocks=blocks, mu_dtype=args.mu_dtype)))
+                                           chunk=args.logprob_chunk, blocks=blocks, mu_dtype=args.mu_dtype,
+                                           layout=args.layout)))
     return 0
   result = run(args.workload, steps=args.steps, warmup=args.warmup, batch=args.batch, reference=args.reference,
                param_dtype=args.param_dtype, compute_dtype=args.compute_dtype, chunk=args.logprob_chunk,
-               peak_tflops=args.peak_tflops, blocks=blocks, mu_dtype=args.mu_dtype)
+               peak_tflops=args.peak_tflops, blocks=blocks, mu_dtype=args.mu_dtype, layout=args.layout)
   peer = _peer(args, args.workload)
   if peer:
     result["peer"] = peer.get("peer")

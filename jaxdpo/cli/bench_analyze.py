@@ -52,7 +52,7 @@ def useful_flops(workload, *, batch: int, reference: str, n_params: int, steps: 
   """README useful FLOPs per step: mean useful tokens of the timed batches x model FLOPs per token."""
   from jaxdpo.cli import bench
   cfg = workload.model
-  batches = bench.synthetic_batches(workload, batch, warmup + steps, cfg.vocab_size)
+  batches = bench.synthetic_batches(workload, batch, warmup + steps, cfg.vocab_size, layout="pairs")  # counts only
   tokens = float(np.mean([u for _, u in batches[warmup:]]))
   seq = workload.prompt[1] + max(workload.chosen[1], workload.rejected[1])
   per_token = bench.model_flops_per_token(n_params, cfg.vocab_size * cfg.hidden_size, cfg, seq)
@@ -70,7 +70,7 @@ def _abstract_state(abstract_params, tx, mesh):
 
 def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, compute_dtype: str, chunk: int,
             compile: bool = True, blocks: decoder.BlockPlan = decoder.BlockPlan(), count_flops: bool = True,
-            mu_dtype: str = "") -> dict:
+            mu_dtype: str = "", layout: str = "shared") -> dict:
   """Compiles the full-size step from shapes and returns the fields in the module docstring.
 
   With `compile=False` only the FLOP count is made (lowering only; no memory plan, no compile_s);
@@ -90,7 +90,7 @@ def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, comp
   ref = None
   if reference == "model":  # held in the compute dtype, as the bench holds it
     ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cdt, sharding=x.sharding), state["params"])
-  sample = bench.synthetic_batches(w, 1, 1, cfg.vocab_size)[0][0]
+  sample = bench.synthetic_batches(w, 1, 1, cfg.vocab_size, layout=layout)[0][0]
   if reference == "cached":
     sample["ref_logps"] = np.zeros((1, 2), np.float32)
   batch_sds = memory.abstract_batch(sample, batch, mesh)
@@ -127,7 +127,7 @@ def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, comp
   return {"impl": "jaxdpo", "workload": workload, "analyze": True, **work, "useful_flops": useful, **plan,
           "params": n_params,
           "settings": {"batch": batch, "reference": reference, "param_dtype": param_dtype,
-                       "compute_dtype": compute_dtype, "logprob_chunk": chunk, "attention_impl": impl,
+                       "compute_dtype": compute_dtype, "logprob_chunk": chunk, "attention_impl": impl, "layout": layout,
                        "remat": blocks.remat, "scan_layers": blocks.scan,
                        "completion_window": scfg.completion_window, "mu_dtype": mu_dtype or param_dtype,
                        "devices": mesh.size, "backend": jax.default_backend()}}

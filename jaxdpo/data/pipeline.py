@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import grain
 import numpy as np
 
+from jaxdpo.data import packing, shared_rows
 from jaxdpo.data.tokenize import TokenizedPair
 from jaxdpo.errors import DataError
 
@@ -49,6 +50,25 @@ def collate_pairs(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: in
   if vision is not None:
     out.update(vision.collate(pairs, out, pairs=True))
   return out
+
+
+def collate_shared(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: int, length: int, slots: int,
+                   vision=None) -> dict[str, np.ndarray]:
+  """Pairs in the prefix-shared layout, one row [P | C | R] each (`jaxdpo.data.shared_rows`).
+
+  `length` and `slots` (from `shared_rows.shape_for` over the run's pairs) fix the shape, so the
+  step compiles once; the two-row batch is built first and converted, images included.
+  """
+  two_row = collate_pairs(pairs, max_length=max_length, pad_id=pad_id, vision=vision)
+  return shared_rows.from_pairs(two_row, [len(p.prompt) for p in pairs], length=length, slots=slots)
+
+
+def collate_packed(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: int, pack_tokens: int,
+                   row_multiple: int = 1) -> dict[str, np.ndarray]:
+  """Text pairs packed several per row up to `pack_tokens` (`jaxdpo.data.packing`); the leading
+  axis is packed rows, a multiple of `row_multiple` (batch devices x micro-batches)."""
+  two_row = collate_pairs(pairs, max_length=max_length, pad_id=pad_id)
+  return packing.pack(two_row, [len(p.prompt) for p in pairs], pack_tokens=pack_tokens, row_multiple=row_multiple)
 
 
 def make_iterator(examples: Sequence, *, batch_size: int, collate: Callable, seed: int, shuffle: bool = True,

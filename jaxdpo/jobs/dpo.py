@@ -20,7 +20,7 @@ from jaxdpo.train import optim
 from jaxdpo.train import loop as train
 from jaxdpo.train import update
 from jaxdpo.parallel import sharding as shd
-from jaxdpo.data import pipeline, records, skipping, tokenize
+from jaxdpo.data import pipeline, records, shared_rows, skipping, tokenize
 from jaxdpo.data.vision import adapters as multimodal
 from jaxdpo.objectives import dpo_losses as losses
 from jaxdpo.objectives import dpo_step as step_lib
@@ -184,11 +184,49 @@ def prepare(config, workdir: str, *, check_cache: bool = True) -> Prepared:
                                              for e in train_examples + eval_examples])
   scfg = dataclasses.replace(step_config(config, bundle.family), completion_window=window)
   pad_id = tokenize.pad_token_id(tok)
-  collate = common.window_checked(
-      lambda b: pipeline.collate_pairs(b, max_length=config.data.max_length, pad_id=pad_id, vision=vision),
-      window, "preference batch")
+  collate = pair_collate(config, train_examples + eval_examples, pad_id, vision, mesh, window)
   return Prepared(mesh, rules, tok, vision, degen_vision, skips, train_examples, eval_examples, plan, bundle, scfg,
                   collate)
+
+
+def pair_collate(config, examples, pad_id: int, vision, mesh=None, window=None):
+  """The collate of `config.data.layout`: two rows per pair, one prefix-shared row per pair sized
+  once for the run's longest pair (one static shape, one compile), or with `data.pack_tokens`
+  several shared pairs per packed row (shapes from a few buckets, `jaxdpo.data.packing`)."""
+  max_length = config.data.max_length
+  if config.data.pack_tokens:
+    check_packing(config, vision)
+    row_multiple = config.train.grad_accum
+    if mesh is not None:
+      row_multiple *= mesh.shape["data"] * mesh.shape["fsdp"]
+    return lambda b: pipeline.collate_packed(b, max_length=max_length, pad_id=pad_id,
+                                             pack_tokens=config.data.pack_tokens, row_multiple=row_multiple)
+  if config.data.layout == "shared":
+    length, slots = shared_rows.shape_for(examples)
+    return lambda b: pipeline.collate_shared(b, max_length=max_length, pad_id=pad_id, vision=vision, length=length,
+                                             slots=slots)
+  collate = lambda b: pipeline.collate_pairs(b, max_length=max_length, pad_id=pad_id, vision=vision)
+  # Two rows per pair: the LM head scores a static completion window (`window`); a pair it would
+  # cut is refused by name. The shared and packed layouts score explicit slots and need no window.
+  return collate if window is None else common.window_checked(collate, window, "preference batch")
+
+
+def check_packing(config, vision):
+  """What packing does not cover yet is refused, naming the key (not silently run another way)."""
+  key = f"config.data.pack_tokens={config.data.pack_tokens}"
+  if vision is not None:
+    raise ConfigError(f"{key}: packing rows with images is not built; use config.data.layout=shared without packing")
+  if config.dpo.reference != "model" and not config.dpo.reference_free:
+    raise ConfigError(f"{key}: packing with config.dpo.reference={config.dpo.reference!r} is not built (cached "
+                      "log-probs are per pair, packed rows are not); use dpo.reference=model")
+  if config.job == "ref_logps":
+    raise ConfigError(f"{key}: job=ref_logps writes log-probs per pair; run it unpacked (data.pack_tokens=0)")
+  if jax.process_count() > 1:
+    raise ConfigError(f"{key}: packing on {jax.process_count()} processes is not built (each host would pack its "
+                      "rows to its own shape)")
+  if model_setup.attention_impl(config.model.attention_impl, model_setup.dtype_of(config.model.compute_dtype)) != "xla":
+    raise ConfigError(f"{key}: packed rows need segment ids, which jax 0.10's cuDNN attention does not take; "
+                      "set config.model.attention_impl=xla (or unpack: data.pack_tokens=0)")
 
 
 def run(config, workdir: str) -> dict:
@@ -223,7 +261,11 @@ def run(config, workdir: str) -> dict:
   step_fn = update.make_train_step(step_lib.objective(bundle.graphdef, scfg), tx, mesh, state_sh, ref_sh, schedule,
                                    grad_accum=scfg.grad_accum, debug_nonfinite_step=config.train.debug_nonfinite_step,
                                    trainable_mask=mask)
-  memory.compiled_check(p.plan, step_fn, state, ref_params, collate(train_examples[:1]), config.train.batch_size, mesh,
+  sample, rows_in_step = collate(train_examples[:1]), config.train.batch_size
+  if config.data.pack_tokens:  # the leading axis is packed rows: check one real first batch's shape
+    sample = collate(train_examples[:config.train.batch_size])
+    rows_in_step = sample["input_ids"].shape[0]
+  memory.compiled_check(p.plan, step_fn, state, ref_params, sample, rows_in_step, mesh,
                         config.train.device_memory_gb)  # compiles the step once; the loop reuses it
 
   iterator = pipeline.make_iterator(train_examples, batch_size=config.train.batch_size, collate=collate,

@@ -7,6 +7,7 @@ in `python -m jaxdpo.main`, and raises a `ConfigError` naming the key, the value
 
 from __future__ import annotations
 
+from jaxdpo.data import shared_rows
 from jaxdpo.errors import ConfigError
 
 JOBS = ("dpo", "sft", "eval", "mine", "demo", "ref_logps")
@@ -71,6 +72,11 @@ def check(config) -> None:
   if [config.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
     raise ConfigError("config.mesh: at most one axis may be -1 (the rest)")
   _one_of(config, "data.truncation", TRUNCATION)
+  _one_of(config, "data.layout", shared_rows.LAYOUTS)
+  _at_least(config, "data.pack_tokens", 0)
+  if config.data.pack_tokens and config.data.layout != "shared":
+    raise ConfigError(f"config.data.pack_tokens={config.data.pack_tokens} packs prefix-shared rows: set "
+                      f"config.data.layout=shared (it is {config.data.layout!r})")
   _at_least(config, "data.max_length", 2)
   _at_least(config, "data.max_prompt_length", 0)
   if config.data.max_prompt_length >= config.data.max_length:

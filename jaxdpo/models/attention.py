@@ -109,9 +109,13 @@ def self_attention(segment_ids, *, order=None, branch=None, groups=None) -> Stru
 
 def from_inputs(inputs: dict, groups=None) -> Structure:
   """`self_attention` of a model-inputs dict: `segment_ids`, and `attn_order` / `attn_branch` for
-  prefix-shared rows (`jaxdpo.models.batching.ATTENTION_KEYS`)."""
-  return self_attention(inputs["segment_ids"], order=inputs.get("attn_order"), branch=inputs.get("attn_branch"),
-                        groups=groups)
+  prefix-shared rows; with `pack_count` (packed rows, `jaxdpo.data.packing`) the layout is ANY:
+  jax 0.10's flash call has no segment ids, so packed rows take the dense path."""
+  st = self_attention(inputs["segment_ids"], order=inputs.get("attn_order"), branch=inputs.get("attn_branch"),
+                      groups=groups)
+  if "pack_count" in inputs:  # packed rows: several pairs per row, told apart by segment ids
+    st = dataclasses.replace(st, layout=ANY)
+  return st
 
 
 def attention_mask(q_segment_ids, kv_segment_ids, q_index=None, kv_index=None, *, causal: bool = True,

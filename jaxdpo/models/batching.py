@@ -6,6 +6,9 @@ leaf alike and a record's images stay on the device of its text rows. A pair bat
 text rows per record (chosen, rejected): [B, 2, ...]. The model wants one row per text row,
 R = B * rows_per_record rows (c0, r0, c1, r1, ...).
 
+A prefix-shared batch (`jaxdpo.data.shared_rows`) has one row per record (rows_per_record = 1)
+and adds the attention keys `attn_order` / `attn_branch` (`attention.from_inputs` reads them).
+
 `text_inputs` does this for the text keys; a family with images registers its own
 `Family.model_inputs`, which starts from `text_inputs` and adds its image bookkeeping.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-TEXT_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
+TEXT_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "attn_order", "attn_branch", "pack_count")
 
 
 def text_inputs(batch: dict, rows_per_record: int) -> dict:

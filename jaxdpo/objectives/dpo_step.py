@@ -9,7 +9,9 @@ pair axis B and a second axis of size 2 (chosen, rejected):
   ref_logps   fp32  [B, 2]      optional: cached reference log-probs
   images      per pair, leading pair axis (the family's layout, see `jaxdpo.models.batching`)
 Chosen and rejected of a pair stay on the same device (the pair axis is the sharded one), and
-the vision tower runs once per pair: both rows read the pair's image features. The jitted
+the vision tower runs once per pair: both rows read the pair's image features. The prefix-shared
+layout (one row [P | C | R] per pair, `jaxdpo.data.shared_rows`) gives the same values through
+`shared_step`. The jitted
 update that sums these terms over micro-batches is `jaxdpo.train.update.make_train_step`.
 """
 
@@ -24,7 +26,7 @@ from flax import nnx
 
 from jaxdpo.models import batching, decoder, lora
 from jaxdpo.objectives import dpo_losses as losses
-from jaxdpo.objectives import logprobs
+from jaxdpo.objectives import logprobs, packed_step, shared_step
 
 PAIR_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -65,8 +67,14 @@ def pair_logps(graphdef, params, batch, cfg: StepConfig):
   order, 0 off the completion.
 
   With `cfg.loss.ld_alpha` < 1 the sums are LD-DPO's (`dpo_losses.length_desensitized`), for the
-  policy and the (live or cached) reference alike, as TRL computes both.
+  policy and the (live or cached) reference alike, as TRL computes both. A prefix-shared batch
+  (`score_index` present) is scored by `shared_step.pair_logps` (per-token arrays [B, 2, K]); a
+  packed one (`pair_valid` present) by `packed_step.pair_logps` (arrays over its R * M pair slots).
   """
+  if packed_step.is_packed(batch) or is_shared(batch):
+    with decoder.planned(cfg.blocks):  # the blocks' remat / scan plan, as below
+      layout = packed_step if packed_step.is_packed(batch) else shared_step
+      return layout.pair_logps(graphdef, params, batch, cfg)
   params = jax.tree.map(lambda p: p.astype(cfg.compute_dtype), params)
   model = nnx.merge(graphdef, params)
   flat = cfg.model_inputs(batch, 2)  # rows c0, r0, c1, r1, ...
@@ -80,6 +88,11 @@ def pair_logps(graphdef, params, batch, cfg: StepConfig):
   if cfg.loss.ld_alpha != 1.0:  # the window keeps the tokens' order, so LD-DPO's token index is unchanged
     seq = losses.length_desensitized(per_tok, out.mask.reshape(b, 2, -1), cfg.loss.ld_alpha)
   return seq, per_tok, counts
+
+
+def is_shared(batch) -> bool:
+  """Whether a batch is in the prefix-shared layout (`jaxdpo.data.shared_rows`)."""
+  return "score_index" in batch
 
 
 def softcap(cfg, model):
@@ -110,7 +123,7 @@ def loss_terms(params, ref_params, batch, graphdef, cfg: StepConfig, n_pairs, n_
   """
   seq, per_tok, counts = pair_logps(graphdef, params, batch, cfg)
   if "ref_logps" in batch:
-    ref = batch["ref_logps"].astype(jnp.float32)
+    ref = batch["ref_logps"].astype(jnp.float32).reshape(seq.shape)
   elif cfg.loss.reference_free:
     ref = jnp.zeros_like(seq)
   else:
@@ -124,6 +137,8 @@ def loss_terms(params, ref_params, batch, graphdef, cfg: StepConfig, n_pairs, n_
     ref = jnp.where(same, jax.lax.stop_gradient(seq), ref)
   pl, ratio_c, ratio_r = losses.pair_losses(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],
                                             cfg.loss)
+  if packed_step.is_packed(batch):
+    pl = pl * packed_step.valid(batch)  # empty pair slots; their rewards, margins and log-probs are 0
   loss = pl.sum() / n_pairs
   if cfg.loss.sft_weight:
     # TRL's "sft" term (and jaxdpo's rpo_alpha): mean NLL over every chosen completion token of the batch.
@@ -141,8 +156,12 @@ def objective(graphdef, cfg: StepConfig):
     `finish(loss, sums)` turns the totals into the logged metrics (TRL's names).
   """
   def bind(ref_params, batch):
-    n_pairs = batch["input_ids"].shape[0]
-    n_chosen_tokens = batch["loss_mask"][:, 0, 1:].astype(jnp.float32).sum()
+    if packed_step.is_packed(batch):
+      n_pairs, n_chosen_tokens = packed_step.n_pairs(batch), packed_step.chosen_tokens(batch)
+    else:
+      n_pairs = batch["input_ids"].shape[0]
+      n_chosen_tokens = (shared_step.chosen_tokens(batch) if is_shared(batch)
+                         else batch["loss_mask"][:, 0, 1:].astype(jnp.float32).sum())
 
     def terms(params, micro_batch):
       return loss_terms(params, ref_params, micro_batch, graphdef, cfg, n_pairs, n_chosen_tokens)
