@@ -92,8 +92,9 @@ def test_shared_step_on_a_mesh(data):
 
 
 def test_negative_control_rejected_seeing_chosen(data):
-  """With the branches erased (rejected attends to chosen, as a plain causal row would), the
-  rejected log-probs move far beyond the tolerance: the equality above can fail."""
+  """With the branches erased (every token sees every earlier-ordered token of the row, so rejected
+  attends to chosen and chosen to rejected's first tokens), the rejected log-probs move far beyond
+  the tolerance: the equality above can fail."""
   if data["config"].model.family != "qwen2":
     pytest.skip("one family suffices for the control")
   broken = dict(data["shared"], attn_branch=np.zeros_like(data["shared"]["attn_branch"]))
@@ -101,7 +102,6 @@ def test_negative_control_rejected_seeing_chosen(data):
   m0, _ = LH.step_grads(data, data["two"])
   # 10x the tolerance (the tiny random model has near-uniform logits: 5.8e-4 relative measured).
   assert abs(m["logps/rejected"] - m0["logps/rejected"]) > 1e-4 * abs(m0["logps/rejected"])
-  assert abs(m["logps/chosen"] - m0["logps/chosen"]) <= 1e-5 * abs(m0["logps/chosen"])
 
 
 def test_ld_dpo_sums_match(data):
