@@ -73,7 +73,10 @@ def _our_batch(trainer, layout="pairs"):
 
 def _window(batch):
   """The longest completion span of the batch: the step scores that completion window (the job's
-  completion-only LM head), not the whole row; it must be shorter than the row to mean anything."""
+  completion-only LM head), not the whole row; it must be shorter than the row to mean anything.
+  None for the prefix-shared layout, which scores explicit completion slots (no window)."""
+  if shared_rows.is_shared(batch):
+    return None
   m = np.asarray(batch["loss_mask"]).reshape(-1, np.shape(batch["loss_mask"])[-1])
   spans = [int(np.flatnonzero(r).max() - np.flatnonzero(r).min() + 1) for r in m if r.any()]
   assert max(spans) < m.shape[1] - 1
