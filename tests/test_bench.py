@@ -51,3 +51,16 @@ def test_cached_reference_times_the_precompute_pass_apart(capsys):
   assert out["ref_precompute_s_per_batch"] > 0 and out["ref_precompute_pairs_per_s"] > 0
   assert out["completion_window"] == 64  # the tiny workload's completions: 64 of T-1 = 127 positions
   assert np.isfinite(out["loss"])
+
+
+def test_bench_generate_reports_every_mode(capsys):
+  """`--generate` on a tiny workload: four modes side by side, refill exact, early stop a prefix."""
+  assert bench.main(["--generate", "--prompts", "10", "--batch", "4", "--max-new-tokens", "64"]) == 0
+  lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines() if x.startswith("{")]
+  by_mode = {r["mode"]: r for r in lines if "mode" in r}
+  assert sorted(by_mode) == ["hf_generate", "refill", "refill+stop_on_loop", "static"]
+  assert all(r["prompts_per_s"] > 0 and r["looping_prompts"] == 1 for r in by_mode.values())
+  assert by_mode["refill"]["same_as_static"] and by_mode["hf_generate"]["same_as_static"]
+  assert by_mode["refill+stop_on_loop"]["prefix_of_static"]
+  assert 0 <= by_mode["refill+stop_on_loop"]["early_vs_full_agreement"] <= 1
+  assert set(lines[-1]["summary"]) == set(by_mode)

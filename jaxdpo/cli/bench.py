@@ -3,6 +3,7 @@
   python -m jaxdpo.bench --workload uniform-1k [--steps 12] [--reference model|cached] [--mu-dtype bfloat16]
                          [--peer-json peer.jsonl | --run-peer ../shared/bench/trl_dpo_peer.py]
   python -m jaxdpo.bench --workload uniform-1k --analyze   # compile only: FLOPs and memory plan
+  python -m jaxdpo.bench --generate [--prompts 64 --batch 8 --max-new-tokens 256 --loop-share 0.1]
 
 Workloads follow `shared/bench/README.md` (batch of 8 pairs, sigmoid loss, beta 0.1, bf16
 compute, random weights):
@@ -279,7 +280,19 @@ def main(argv=None) -> int:
   ap.add_argument("--analyze", action="store_true",
                   help="AOT-compile the step without allocating; print xla_flops, useful_flops, work_ratio, "
                        "planned_peak_gb, compile_s")
+  ap.add_argument("--generate", action="store_true",
+                  help="generation throughput: static batching vs row refill vs refill + stop_on_loop, and HF "
+                       "generate, on a tiny random Qwen2 with --loop-share looping prompts (jaxdpo.cli.bench_generate)")
+  ap.add_argument("--prompts", type=int, default=64, help="--generate: prompts in the workload")
+  ap.add_argument("--max-new-tokens", type=int, default=256, help="--generate: token limit per prompt")
+  ap.add_argument("--loop-share", type=float, default=0.1, help="--generate: share of looping prompts")
+  ap.add_argument("--repeats", type=int, default=1, help="--generate: timed runs per mode (the best is kept)")
+  ap.add_argument("--seed", type=int, default=0, help="--generate: model and prompt seed")
+  ap.add_argument("--no-hf", action="store_true", help="--generate: skip transformers' generate")
   args = ap.parse_args(argv)
+  if args.generate:
+    from jaxdpo.cli import bench_generate
+    return bench_generate.main(args)
   if args.suite:
     from jaxdpo.cli import bench_suite
     names = tuple(n.strip() for n in args.workloads.split(",") if n.strip())

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdpo.errors import ConfigError
@@ -195,3 +196,88 @@ def rates(verdicts: Iterable[Verdict]) -> dict:
       "hit_limit_rate": counts["hit_limit"] / n if n else None,
   })
   return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The same detector inside the decode loop (`generate.stop_on_loop`), one token at a time.
+#
+# For each period p in [min_period, max_period] a row keeps `matches[p]`: how many of its last
+# tokens x[i] equal x[i - p], back to back up to the newest token. That is `_trailing_run(x, p) - p`
+# kept up to date in O(max_period) per token, so `loops_now` answers `detect(x).loops` for the
+# row's output so far without rereading it. The coverage test compares integers: `need[w]` is the
+# least number of tokens the offline detector accepts for a window of w tokens (the same float
+# comparison, done on the host), so the two cannot disagree by rounding.
+
+
+def coverage_need(cfg: DegenerationConfig) -> np.ndarray:
+  """int32 [tail_window + 1]: need[w] = least m with `not (m < min_tail_coverage * w)`."""
+  return np.array([_least_covering(cfg.min_tail_coverage, w) for w in range(cfg.tail_window + 1)], np.int32)
+
+
+def _least_covering(coverage: float, w: int) -> int:
+  m = max(int(np.floor(coverage * w)) - 1, 0)
+  while m < coverage * w:  # the offline test, `min(run, window) < coverage * window`, in float64
+    m += 1
+  return m
+
+
+def confirm_run(cfg: DegenerationConfig, max_new_tokens: int) -> int:
+  """Loop length (tokens) at which decoding stops a looping row (`generate.stop_on_loop`).
+
+  A loop confirmed early must be one that makes the row degenerate by the full-length definition
+  if it goes on to the limit: there the window is min(tail_window, max_new_tokens) tokens, and
+  the loop has to cover `coverage_need` of it. So the loop is cut once it alone is that long;
+  shorter repeats (a "| --- | --- |" row, a few dots) keep decoding.
+  """
+  return int(coverage_need(cfg)[min(cfg.tail_window, max_new_tokens)])
+
+
+def loop_periods(cfg: DegenerationConfig) -> np.ndarray:
+  """int32 [P]: the periods the detector searches, min_period..max_period."""
+  return np.arange(cfg.min_period, cfg.max_period + 1, dtype=np.int32)
+
+
+def track_token(matches_BP, tokens_BN, new_B, pos_B, active_B, periods_P):
+  """Updates the trailing-match counts after row b appended `new_B[b]` at position `pos_B[b]`.
+
+  Args:
+    matches_BP: int32 [B, P] counts before the token.
+    tokens_BN: int [B, N] the rows' outputs; positions < pos_B[b] must hold row b's tokens.
+    new_B: int [B] the appended tokens.
+    pos_B: int [B] their positions (0-based) in the output.
+    active_B: bool [B]; inactive rows keep their counts.
+    periods_P: int32 [P] from `loop_periods`.
+
+  Returns:
+    int32 [B, P] counts after the token.
+  """
+  back_BP = pos_B[:, None] - periods_P[None, :]
+  earlier_BP = jnp.take_along_axis(tokens_BN, jnp.clip(back_BP, 0, tokens_BN.shape[1] - 1), axis=1)
+  same_BP = (back_BP >= 0) & (earlier_BP == new_B[:, None])
+  return jnp.where(active_B[:, None], jnp.where(same_BP, matches_BP + 1, 0), matches_BP)
+
+
+def loops_now(matches_BP, n_B, periods_P, need_W, cfg: DegenerationConfig):
+  """`detect(output[:n]).loops` and `.period` of each row, from `track_token`'s counts.
+
+  Args:
+    matches_BP: int32 [B, P].
+    n_B: int [B] tokens in each row's output so far.
+    periods_P: int32 [P] from `loop_periods`.
+    need_W: int32 [tail_window + 1] from `coverage_need`.
+    cfg: the thresholds (min_repeats, tail_window).
+
+  Returns:
+    (loops bool [B], period int32 [B] (0 = none), run int32 [B]: tokens the chosen loop covers).
+  """
+  run_BP = matches_BP + periods_P[None, :]
+  window_B = jnp.minimum(cfg.tail_window, n_B)
+  ok_BP = ((periods_P[None, :] * cfg.min_repeats <= n_B[:, None])       # p <= n // min_repeats
+           & (run_BP // periods_P[None, :] >= cfg.min_repeats)
+           & (jnp.minimum(run_BP, window_B[:, None]) >= need_W[window_B][:, None]))
+  score_BP = jnp.where(ok_BP, run_BP, 0)
+  best_B = jnp.argmax(score_BP, axis=1)  # first maximum: ties keep the smaller period, as `detect` does
+  loops_B = jnp.any(ok_BP, axis=1)
+  period_B = jnp.where(loops_B, periods_P[best_B], 0)
+  run_B = jnp.where(loops_B, jnp.take_along_axis(run_BP, best_B[:, None], axis=1)[:, 0], 0)
+  return loops_B, period_B, run_B

@@ -120,6 +120,29 @@ def attribute_time(records: Sequence[dict]) -> tuple[np.ndarray, str]:
   return tokens, "tokens"
 
 
+def early_stop_agreement(records: Sequence[dict]) -> dict:
+  """How the early-stop classification (`generate.stop_on_loop`) agrees with the full-length one.
+
+  Each record's `is_degenerate` is the early verdict (a row cut short on a confirmed loop counts
+  as degenerate); `degenerate_full` (present with `generate.stop_on_loop_check`) is the study's
+  verdict on the same record generated to full length.
+
+  Returns:
+    {"stopped_early", "measured", and when measured "confusion" (early x full counts), "agreement"
+    (share of records where both agree), "n"}.
+  """
+  out = {"stopped_early": sum(bool(r.get("degenerate_early")) for r in records)}
+  if not all("degenerate_full" in r for r in records):
+    return dict(out, measured=False, note="set generate.stop_on_loop_check=True to measure the agreement")
+  pairs = [(bool(r["is_degenerate"]), bool(r["degenerate_full"])) for r in records]
+  confusion = {f"early_{'degenerate' if e else 'clean'}_full_{'degenerate' if f else 'clean'}": 0
+               for e in (True, False) for f in (True, False)}
+  for e, f in pairs:
+    confusion[f"early_{'degenerate' if e else 'clean'}_full_{'degenerate' if f else 'clean'}"] += 1
+  return dict(out, measured=True, n=len(pairs), confusion=confusion,
+              agreement=sum(e == f for e, f in pairs) / len(pairs))
+
+
 def summarize(records: Iterable[dict], z: float = 1.96) -> dict:
   """The eval summary over generation records.
 
@@ -127,7 +150,8 @@ def summarize(records: Iterable[dict], z: float = 1.96) -> dict:
     num_generated (int), hit_limit (bool), is_degenerate (bool), optional is_early_loop (bool),
     hypothesis (str), optional reference (str or None),
     and optionally timing (`wall_time_s`, or `batch_id` + `batch_wall_time_s`; see
-    `attribute_time`).
+    `attribute_time`), and with `generate.stop_on_loop` `degenerate_early` (and
+    `degenerate_full`; see `early_stop_agreement`).
 
   Returns:
     A JSON-serialisable dict: n; degenerate / early_loop / hit_limit counts and rates; the
@@ -157,7 +181,9 @@ def summarize(records: Iterable[dict], z: float = 1.96) -> dict:
   tokens = np.array([r["num_generated"] for r in records], np.float64)
   seconds, attribution = attribute_time(records)
   total_seconds = float(seconds.sum())
+  early_stop = {"early_stop": early_stop_agreement(records)} if any("degenerate_early" in r for r in records) else {}
   return {
+      **early_stop,
       "n": n,
       "degenerate": k,
       "degeneration_rate": k / n,

@@ -78,56 +78,143 @@ class SamplingParams:
   top_k: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodingOptions:
+  """How the batch is driven (`generate.refill`, `generate.stop_on_loop`, `generate.stop_on_loop_check`).
+
+  Attributes:
+    refill: continuous batching: a finished row takes the next prompt (`decode.generate_refill`).
+      Greedy outputs per record are those of static batching. False = static batches of
+      `batch_size` records that each wait for their slowest row.
+    stop_on_loop: a row whose tail is a confirmed exact loop stops and is recorded as
+      `degenerate_early` with the tokens so far (and counts as degenerate).
+    stop_on_loop_check: with `stop_on_loop`, also generate every record to full length, so that
+      each record carries the study's full-length verdict (`degenerate_full`) next to the early
+      one and the eval summary can report how they agree. Costs the full-length run.
+  """
+
+  refill: bool = True
+  stop_on_loop: bool = False
+  stop_on_loop_check: bool = False
+
+
 def run_generation(model, tok, items, *, params: SamplingParams, batch_size: int, max_prompt_length: int,
                    num_samples: int = 1, seed: int = 0, degen_cfg=None, desc: str = "generate",
-                   progress: bool = True, vision=None, mesh=None) -> list[dict]:
-  """Generates `num_samples` completions per item; returns one JSON-able dict per sample.
+                   progress: bool = True, vision=None, mesh=None,
+                   decoding: DecodingOptions | None = None) -> list[dict]:
+  """Generates `num_samples` completions per item; returns one JSON-able dict per sample, in
+  (item, sample) order.
 
-  Every batch is left-padded to `max_prompt_length` and has `batch_size` rows (the last one
-  padded with copies), so the whole run uses one compiled program. With `vision` (a
+  Every prompt is left-padded to `max_prompt_length` and the batch has `batch_size` rows, so
+  the whole run uses a fixed set of compiled programs. With `vision` (a
   `multimodal.VisionAdapter`), each row carries its record's images within the adapter's
   budget (fixed here from `items` unless already fixed). With `mesh`, each batch is split over
   its data axes and the outputs gathered (`jaxdpo.generation.distributed`); every process must
-  pass the same `items`.
+  pass the same `items`. `decoding` (default: refill on, no early stop) chooses static batches
+  or row refill, and the early stop on loops. Row refill runs on one device: with a mesh of
+  more than one device the batches are static (refill on a mesh is not built yet).
   """
   if vision is not None and vision.budget is None:
     vision = vision.with_budget([seq for _, seq in items])
   degen_cfg = degen_cfg or degeneration.DegenerationConfig()
+  decoding = decoding or DecodingOptions()
   pad_id = tokenize.pad_token_id(tok)
-  eos = tok.eos_token_id
   jobs = [(i, s) for i in range(len(items)) for s in range(num_samples)]
-  out = []
-  key = jax.random.key(seed)
-  bar = tqdm(total=len(jobs), desc=desc, disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
-  for batch_id, start in enumerate(range(0, len(jobs), batch_size)):
-    chunk = jobs[start:start + batch_size]
-    n = len(chunk)
-    rows = chunk + [chunk[-1]] * (batch_size - n)
-    inputs = pipeline.collate_generation([items[i][1] for i, _ in rows], length=max_prompt_length, pad_id=pad_id,
-                                         vision=vision)
+
+  def make_inputs(job_ids):
+    inputs = pipeline.collate_generation([items[jobs[j][0]][1] for j in job_ids], length=max_prompt_length,
+                                         pad_id=pad_id, vision=vision)
     if vision is not None:
       inputs = vision.family.model_inputs(inputs, 1)  # the family's layout (M-RoPE positions, image bookkeeping)
+    return inputs
+
+  kw = dict(params=params, batch_size=batch_size, max_prompt_length=max_prompt_length, seed=seed, desc=desc,
+            progress=progress, tok=tok, pad_id=pad_id, mesh=mesh)
+  stop = degen_cfg if decoding.stop_on_loop else None
+  drive = _refill if decoding.refill and (mesh is None or mesh.size == 1) else _static
+  results = drive(model, jobs, make_inputs, stop=stop, **kw)
+  full = None
+  if decoding.stop_on_loop and decoding.stop_on_loop_check:
+    full = drive(model, jobs, make_inputs, stop=None, **dict(kw, desc=desc + " (full length)"))
+  out = []
+  for j, (i, s) in enumerate(jobs):
+    res = results[j]
+    rec = items[i][0]
+    ng = res["num_generated"]
+    toks = res["tokens"]
+    v = _verdict(toks, res["hit_limit"], res["stopped_on_loop"], degen_cfg)
+    row = {
+        "where": rec.where, "index": i, "sample": s, "prompt": rec.fields["prompt"],
+        "reference": rec.fields.get("reference"),
+        "hypothesis": tok.decode(toks, skip_special_tokens=True),
+        "tokens": toks, "num_generated": ng, "hit_limit": res["hit_limit"],
+        "is_degenerate": v.is_degenerate, "is_early_loop": v.is_early_loop, "loop_period": v.period,
+        **res["timing"],
+        **({"images": list(items[i][1].images)} if items[i][1].images else {}),
+    }
+    if decoding.stop_on_loop:
+      row["degenerate_early"] = res["stopped_on_loop"]
+    if full is not None:
+      f = full[j]
+      fv = _verdict(f["tokens"], f["hit_limit"], False, degen_cfg)
+      row.update(degenerate_full=fv.is_degenerate, num_generated_full=f["num_generated"])
+    out.append(row)
+  return out
+
+
+def _verdict(tokens, hit_limit: bool, stopped_on_loop: bool, cfg) -> degeneration.Verdict:
+  """The record's verdict: a row cut short on a loop counts as degenerate (the early classification).
+
+  A row that ended with EOS is inspected without it (`generate` counts the EOS token).
+  """
+  if stopped_on_loop:
+    return degeneration.detect(tokens, True, cfg)
+  return degeneration.detect(tokens if hit_limit else tokens[:max(len(tokens) - 1, 0)], hit_limit, cfg)
+
+
+def _static(model, jobs, make_inputs, *, params, batch_size, max_prompt_length, seed, desc, progress, tok, pad_id,
+            stop, mesh):
+  """Static batches of `batch_size` jobs (the last padded with copies); each waits for its slowest row."""
+  key = jax.random.key(seed)
+  results = []
+  bar = tqdm(total=len(jobs), desc=desc, disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+  for batch_id, start in enumerate(range(0, len(jobs), batch_size)):
+    ids = list(range(start, min(start + batch_size, len(jobs))))
+    n = len(ids)
+    inputs = make_inputs(ids + ids[-1:] * (batch_size - n))
     t0 = time.perf_counter()
     res = mesh_generation.generate(generate.generate, model, inputs, mesh=mesh,
-                                   max_new_tokens=params.max_new_tokens, eos_token_id=eos, pad_token_id=pad_id,
-                                   rng=jax.random.fold_in(key, batch_id), temperature=params.temperature,
-                                   top_p=params.top_p, top_k=params.top_k, vocab_limit=len(tok))
+                                   max_new_tokens=params.max_new_tokens, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=pad_id, rng=jax.random.fold_in(key, batch_id),
+                                   temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                   vocab_limit=len(tok), stop_on_loop=stop)
     seconds = time.perf_counter() - t0
-    verdicts = degeneration.detect_generation(res.tokens, res.num_generated, res.hit_limit, degen_cfg)
-    for row, (i, s) in enumerate(chunk):
-      rec = items[i][0]
+    for row in range(n):
       ng = int(res.num_generated[row])
-      toks = [int(t) for t in res.tokens[row, :ng]]
-      v = verdicts[row]
-      out.append({
-          "where": rec.where, "index": i, "sample": s, "prompt": rec.fields["prompt"],
-          "reference": rec.fields.get("reference"),
-          "hypothesis": tok.decode(toks, skip_special_tokens=True),
-          "tokens": toks, "num_generated": ng, "hit_limit": bool(res.hit_limit[row]),
-          "is_degenerate": v.is_degenerate, "is_early_loop": v.is_early_loop, "loop_period": v.period,
-          "batch_id": batch_id, "batch_wall_time_s": seconds,
-          **({"images": list(items[i][1].images)} if items[i][1].images else {}),
-      })
+      results.append({"tokens": [int(t) for t in res.tokens[row, :ng]], "num_generated": ng,
+                      "hit_limit": bool(res.hit_limit[row]), "stopped_on_loop": bool(res.stopped_on_loop[row]),
+                      "timing": {"batch_id": batch_id, "batch_wall_time_s": seconds}})
     bar.update(n)
   bar.close()
-  return out
+  return results
+
+
+def _refill(model, jobs, make_inputs, *, params, batch_size, max_prompt_length, seed, desc, progress, tok, pad_id,
+            stop, mesh):
+  """Row refill over all jobs (`decode.generate_refill`); a job's sample key is fold_in(seed key, job id)."""
+  t0 = time.perf_counter()
+  bar = tqdm(total=len(jobs), desc=desc, disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+  res = generate.generate_refill(model, len(jobs), make_inputs, batch_size=batch_size, prompt_length=max_prompt_length,
+                                 max_new_tokens=params.max_new_tokens, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=pad_id, rng=jax.random.key(seed), temperature=params.temperature,
+                                 top_p=params.top_p, top_k=params.top_k, vocab_limit=len(tok), stop_on_loop=stop,
+                                 on_finished=bar.update)
+  bar.close()
+  log.info("%s: %d jobs in %.1fs with row refill (%s)", desc, len(jobs), time.perf_counter() - t0, res.stats)
+  results = []
+  for j in range(len(jobs)):
+    ng = int(res.num_generated[j])
+    results.append({"tokens": [int(t) for t in res.tokens[j, :ng]], "num_generated": ng,
+                    "hit_limit": bool(res.hit_limit[j]), "stopped_on_loop": bool(res.stopped_on_loop[j]),
+                    "timing": {"wall_time_s": float(res.slot_seconds[j])}})
+  return results

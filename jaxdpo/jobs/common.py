@@ -93,7 +93,7 @@ def degeneration_eval_fn(config, tok, bundle, vision=None):
     rows = sampling_run.run_generation(
         model, tok, items, params=sampling_run.SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k),
         batch_size=g.batch_size, max_prompt_length=g.max_prompt_length, seed=config.seed,
-        degen_cfg=degeneration_config(config), progress=False, vision=vision)
+        degen_cfg=degeneration_config(config), progress=False, vision=vision, decoding=decoding_options(config))
     r = degeneration.rates(_VerdictView(row) for row in rows)
     return {"eval/degeneration_rate": r["degeneration_rate"], "eval/early_loop_rate": r["early_loop_rate"],
             "eval/hit_limit_rate": r["hit_limit_rate"]}
@@ -107,6 +107,14 @@ class _VerdictView:
     self.is_degenerate = row["is_degenerate"]
     self.is_early_loop = row["is_early_loop"]
     self.hit_limit = row["hit_limit"]
+
+
+def decoding_options(config):
+  """How generation drives its batch (`generate.refill`, `generate.stop_on_loop`, `generate.stop_on_loop_check`)."""
+  from jaxdpo.generation import sampling
+  g = config.generate
+  return sampling.DecodingOptions(refill=bool(g.refill), stop_on_loop=bool(g.stop_on_loop),
+                                  stop_on_loop_check=bool(g.stop_on_loop_check))
 
 
 def prompt_config(config):

@@ -104,6 +104,12 @@ def base() -> ml_collections.ConfigDict:
   c.generate.chunk_batches = 16      # eval/mine save rows every this many batches (DIR/chunks/<job>); a re-run
                                     # in the same workdir resumes from the saved chunks
   c.generate.debug_kill_after_chunk = -1  # tests: the process SIGKILLs itself after saving this chunk
+  c.generate.refill = True           # continuous batching: a finished row takes the next prompt (greedy outputs
+                                     # per record as with static batches); False = static batches
+  c.generate.stop_on_loop = False    # stop a row whose tail is a confirmed exact loop (degeneration.*), recorded
+                                     # as degenerate_early; off = the study's full-length definition
+  c.generate.stop_on_loop_check = False  # with stop_on_loop: also run every record to full length, and report how
+                                     # the early and full-length verdicts agree (eval_summary early_stop)
 
   c.degeneration = ml_collections.ConfigDict()  # see jaxdpo.generation.degeneration.DegenerationConfig
   c.degeneration.min_period = 1

@@ -64,7 +64,8 @@ def run(config, workdir: str) -> dict:
         model, tok, chunk_items, params=sampling_run.SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k),
         batch_size=g.batch_size, max_prompt_length=g.max_prompt_length, seed=seed,
         degen_cfg=common.degeneration_config(config), desc="eval", progress=config.train.progress,
-        vision=vision, mesh=mesh)
+        vision=vision, mesh=mesh,
+        decoding=common.decoding_options(config))
 
   rows, store = outputs.generate_resumable(config, workdir, "eval", items, generate_chunk)
   summary = summary_for(rows, config)

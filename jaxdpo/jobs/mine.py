@@ -107,7 +107,8 @@ def run(config, workdir: str) -> dict:
         params=sampling_run.SamplingParams(config.generate.max_new_tokens, m.temperature, m.top_p, m.top_k),
         batch_size=config.generate.batch_size, max_prompt_length=config.generate.max_prompt_length,
         num_samples=m.num_samples, seed=seed, degen_cfg=common.degeneration_config(config), desc="mine",
-        progress=config.train.progress, vision=vision, mesh=mesh)
+        progress=config.train.progress, vision=vision, mesh=mesh,
+        decoding=common.decoding_options(config))
 
   # mine.chosen / mine.rejected only pick among the samples: they may change on resume.
   rows, store = outputs.generate_resumable(config, workdir, "mine", items, generate_chunk, num_samples=m.num_samples,

@@ -113,7 +113,7 @@ class DecoderStack(nnx.Module):
         so that families with several layer kinds pick the right ones per block.
       kv_cache: optional list of per-layer caches; each block returns its updated one. Generation
         always runs the plain unrolled loop (no remat, no scan).
-      cache_index: int scalar, the cache slot of this call's first token.
+      cache_index: int [B], the cache slot of each row's first token in this call.
 
     Returns:
       (hidden [B, T, D] after the final norm, new kv cache or None).
@@ -140,6 +140,17 @@ class DecoderStack(nnx.Module):
         start += len(blocks)
     with jax.named_scope("final_norm"):
       return self.norm(x_BTD), new_cache
+
+  # Generation caches are dicts of arrays with the batch on axis 0, except the keys listed here.
+  cache_batch_axis: dict = {}
+
+  def set_cache_rows(self, cache: dict, rows_R, new: dict) -> dict:
+    """`cache` with rows `rows_R` (int [R]; ids >= B are dropped) replaced by the R rows of `new`.
+
+    `new` is a cache of the same length from `init_cache(R, ...)`, e.g. freshly prefilled with
+    the prompts that take over finished rows (continuous batching in `jaxdpo.generation.decode`).
+    """
+    return set_cache_rows(cache, rows_R, new, self.cache_batch_axis)
 
   def hidden_states(self, inputs: dict):
     """The family-neutral entry used by DPO/SFT steps: inputs dict -> hidden [B, T, D].
@@ -224,6 +235,14 @@ def scan_segments(blocks) -> list[tuple[int, int]]:
     out.append(best)
     start += best[0] * best[1]
   return out
+def set_cache_rows(cache: dict, rows_R, new: dict, batch_axis: dict) -> dict:
+  """See `DecoderStack.set_cache_rows`; `batch_axis` maps cache keys to their batch axis (default 0)."""
+  def put(axis):
+    def one(big, small):
+      big0, small0 = jnp.moveaxis(big, axis, 0), jnp.moveaxis(small, axis, 0)
+      return jnp.moveaxis(big0.at[rows_R].set(small0.astype(big.dtype), mode="drop"), 0, axis)
+    return one
+  return {key: jax.tree.map(put(batch_axis.get(key, 0)), leaf, new[key]) for key, leaf in cache.items()}
 
 
 def embed_or_pass(stack: DecoderStack, input_ids, inputs_embeds):
@@ -255,3 +274,7 @@ class LanguageModelHead:
   def decode(self, tokens_B, cache: dict):
     """Appends one token per row; returns (fp32 logits [B, V], cache)."""
     return self.language_model.decode(tokens_B, cache)
+
+  def set_cache_rows(self, cache: dict, rows_R, new: dict) -> dict:
+    """See `DecoderStack.set_cache_rows`."""
+    return self.language_model.set_cache_rows(cache, rows_R, new)

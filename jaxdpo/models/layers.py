@@ -238,20 +238,33 @@ dot_product_attention = attention.attend
 
 
 def write_kv_cache(cache, k_BTKH, v_BTKH, cache_index):
-  """Writes this call's keys/values into a preallocated cache at slot `cache_index`.
+  """Writes this call's keys/values into a preallocated cache at each row's slot `cache_index`.
 
   Args:
     cache: (k [B, S, K, H], v [B, S, K, H]) in the cache dtype.
     k_BTKH, v_BTKH: the new keys and values.
-    cache_index: int scalar, the slot of the first new token.
+    cache_index: int [B], the slot of each row's first new token (rows advance independently,
+      so that generation can refill a finished row with a new prompt).
 
   Returns:
     (new cache, keys [B, S, K, H], values [B, S, K, H]) where the keys and values span the whole
     cache in the new keys' dtype; the attention mask decides which slots count.
   """
-  k_BSKH = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BTKH.astype(cache[0].dtype), cache_index, axis=1)
-  v_BSKH = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BTKH.astype(cache[1].dtype), cache_index, axis=1)
+  k_BSKH = write_rows(cache[0], k_BTKH, cache_index)
+  v_BSKH = write_rows(cache[1], v_BTKH, cache_index)
   return (k_BSKH, v_BSKH), k_BSKH.astype(k_BTKH.dtype), v_BSKH.astype(v_BTKH.dtype)
+
+
+def write_rows(buf_BS, new_BT, index_B):
+  """`buf_BS` [B, S, ...] with row b's `new_BT[b]` [T, ...] written at slots index_B[b] .. + T - 1.
+
+  Slots past S are dropped: a finished generation row keeps stepping (the batch moves together)
+  until it is refilled, and what it writes is never read.
+  """
+  b, t = new_BT.shape[:2]
+  rows_B1 = jnp.arange(b, dtype=jnp.int32)[:, None]
+  cols_BT = index_B.astype(jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  return buf_BS.at[rows_B1, cols_BT].set(new_BT.astype(buf_BS.dtype), mode="drop")
 
 
 class GatedMLP(nnx.Module):

@@ -75,9 +75,10 @@ class Attention(nnx.Module):
       ring_k, ring_v = cache
       t, w = k_BTKH.shape[1], ring_k.shape[1]
       n = min(t, w)
-      at = (cache_index + t - n + jnp.arange(n)) % w
-      new_cache = (ring_k.at[:, at].set(k_BTKH[:, t - n:].astype(ring_k.dtype)),
-                   ring_v.at[:, at].set(v_BTKH[:, t - n:].astype(ring_v.dtype)))
+      at_Bn = (cache_index[:, None] + t - n + jnp.arange(n)[None, :]) % w  # per row: rows advance independently
+      rows_B1 = jnp.arange(k_BTKH.shape[0])[:, None]
+      new_cache = (ring_k.at[rows_B1, at_Bn].set(k_BTKH[:, t - n:].astype(ring_k.dtype)),
+                   ring_v.at[rows_B1, at_Bn].set(v_BTKH[:, t - n:].astype(ring_v.dtype)))
       k_BTKH = jnp.concatenate([ring_k.astype(q_BTNH.dtype), k_BTKH], axis=1)
       v_BTKH = jnp.concatenate([ring_v.astype(q_BTNH.dtype), v_BTKH], axis=1)
     elif cache is not None:
@@ -177,7 +178,7 @@ class Gemma3TextModel(decoder.DecoderStack):
         structures that span the cache).
       kv_cache: optional list of per-layer (k, v): [B, S, K, H] on global layers, a ring buffer
         [B, W', K, H] on local layers (see the generation protocol below).
-      cache_index: int scalar, the cache slot of this call's first token.
+      cache_index: int [B], the cache slot of each row's first token in this call.
 
     Returns:
       (hidden [B, T, D] after the final norm, new kv cache or None).
@@ -200,7 +201,8 @@ class Gemma3TextModel(decoder.DecoderStack):
   #                 layers a ring buffer [B, W', K, H] of the last W' = min(window, S) slots,
   #                 slot a stored at a % W' (transformers keeps the last window-1 slots plus
   #                 the new one: the same keys, so decoding stays exact past the window)
-  #   index         int32 scalar, the next cache slot to write (shared by all rows)
+  #   index         int32 [B], the next cache slot to write in each row (rows advance together
+  #                 in a static batch; a row refilled with a new prompt restarts at 0)
   #   segment_ids   int32 [B, S], 1 for slots holding real tokens, 0 for padding / unwritten
   #   next_position int32 [B], the rotary position of the next token of each row
 
@@ -213,7 +215,7 @@ class Gemma3TextModel(decoder.DecoderStack):
       return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
     return {
         "kv": [zeros(kind) for kind in cfg.layer_types],
-        "index": jnp.zeros((), jnp.int32),
+        "index": jnp.zeros((batch_size,), jnp.int32),
         "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
         "next_position": jnp.zeros((batch_size,), jnp.int32),
     }
@@ -232,17 +234,17 @@ class Gemma3TextModel(decoder.DecoderStack):
     """
     seg_BT = (segment_ids != 0).astype(jnp.int32)
     b, t = seg_BT.shape
-    index = cache["index"]
+    index_B = cache["index"]
     old_seg_BS = cache["segment_ids"]
     s = old_seg_BS.shape[1]
-    kv_seg_BS = jax.lax.dynamic_update_slice_in_dim(old_seg_BS, seg_BT, index, axis=1)
-    q_index_BT = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv_seg_BS = layers.write_rows(old_seg_BS, seg_BT, index_B)
+    q_index_BT = index_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     # Padded queries get segment 1 so that their (unused) rows are not all masked.
     q_seg_BT = jnp.ones_like(seg_BT)
     groups_q = groups_kv = groups_ring = None
     if image_groups_BT is not None:
       groups_q = image_groups_BT.astype(jnp.int32)
-      groups_kv = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, s), jnp.int32), groups_q, index, axis=1)
+      groups_kv = layers.write_rows(jnp.zeros((b, s), jnp.int32), groups_q, index_B)
       groups_ring = jnp.concatenate([jnp.zeros((b, min(self.config.sliding_window, s)), jnp.int32), groups_q], 1)
     # Global layers: the whole cache.
     kv_index_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -250,16 +252,16 @@ class Gemma3TextModel(decoder.DecoderStack):
     # Local layers: the ring as it was, then this call's tokens. Ring slot j holds the newest
     # slot a < index with a % W' == j (none yet when a < 0).
     w = min(self.config.sliding_window, s)
-    j = jnp.arange(w, dtype=jnp.int32)
-    ring_index = j + w * ((index - 1 - j) // w)
-    ring_seg_BW = jnp.where(ring_index >= 0, jnp.take(old_seg_BS, jnp.maximum(ring_index, 0), axis=1), 0)
-    local_index_BS = jnp.broadcast_to(jnp.concatenate([ring_index, index + jnp.arange(t, dtype=jnp.int32)]),
-                                      (b, w + t))
+    j_W = jnp.arange(w, dtype=jnp.int32)
+    ring_index_BW = j_W[None, :] + w * ((index_B[:, None] - 1 - j_W[None, :]) // w)
+    ring_seg_BW = jnp.where(ring_index_BW >= 0,
+                            jnp.take_along_axis(old_seg_BS, jnp.clip(ring_index_BW, 0, s - 1), axis=1), 0)
+    local_index_BS = jnp.concatenate([ring_index_BW, q_index_BT], axis=1)
     local = attention.Structure(q_seg_BT, jnp.concatenate([ring_seg_BW, seg_BT], axis=1), q_index_BT, local_index_BS,
                                 groups_q, groups_ring, sliding_window=self.config.sliding_window)
     h_BTD, kv = self(positions=positions, segment_ids=seg_BT, input_ids=input_ids, inputs_embeds=inputs_embeds,
-                     masks={FULL: full, SLIDING: local}, kv_cache=cache["kv"], cache_index=index)
-    return h_BTD, dict(cache, kv=kv, index=index + t, segment_ids=kv_seg_BS)
+                     masks={FULL: full, SLIDING: local}, kv_cache=cache["kv"], cache_index=index_B)
+    return h_BTD, dict(cache, kv=kv, index=index_B + t, segment_ids=kv_seg_BS)
 
   def prefill_embeds(self, inputs_embeds, segment_ids, cache: dict, image_groups_BT=None):
     """Prefill from ready embeddings (shared by the text and the multimodal model)."""

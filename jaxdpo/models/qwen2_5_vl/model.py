@@ -92,7 +92,7 @@ class Qwen2Decoder(decoder.DecoderStack):
       structure: optional `attention.Structure` overriding the one of `segment_ids` (prefix-shared
         rows pass their branches; generation passes one that spans the cache).
       kv_cache: optional list of per-layer (k [B, S, K, H], v [B, S, K, H]).
-      cache_index: int scalar, where this call's keys/values are written in the cache.
+      cache_index: int [B], where each row's keys/values of this call are written in the cache.
 
     Returns:
       (hidden [B, T, D] after the final norm, new kv cache or None).
@@ -107,19 +107,22 @@ class Qwen2Decoder(decoder.DecoderStack):
   # --------------------------------------------------------------------------------------------
   # Generation protocol (see `jaxdpo.generation.decode`): left-padded prompts, a preallocated KV cache.
 
+  cache_batch_axis = {"next_positions": 1}  # see `decoder.DecoderStack.set_cache_rows`
+
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
     """An empty cache for `max_len` slots.
 
-    Layout: `kv` per-layer (k, v) [B, S, K, H]; `index` int32 next slot to write; `segment_ids`
+    Layout: `kv` per-layer (k, v) [B, S, K, H]; `index` int32 [B] next slot to write in each
+    row (rows advance together in a static batch; a refilled row restarts at 0); `segment_ids`
     int32 [B, S] of the written slots (0 = padding or not yet written, never attended);
     `next_positions` int32 [3, B] rotary position of the next token on each M-RoPE stream
-    (1D RoPE reads stream 0).
+    (1D RoPE reads stream 0; its batch axis is 1, see `cache_batch_axis`).
     """
     cfg = self.config
     shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_size)
     return {
         "kv": [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)],
-        "index": jnp.zeros((), jnp.int32),
+        "index": jnp.zeros((batch_size,), jnp.int32),
         "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
         "next_positions": jnp.zeros((3, batch_size), jnp.int32),
     }
@@ -138,14 +141,14 @@ class Qwen2Decoder(decoder.DecoderStack):
     """
     b, t = segment_ids.shape
     s = cache["segment_ids"].shape[1]
-    index = cache["index"]
-    kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
-    q_index = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    index_B = cache["index"]
+    kv_segments = layers.write_rows(cache["segment_ids"], segment_ids.astype(jnp.int32), index_B)
+    q_index = index_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     st = attention.Structure(segment_ids, kv_segments, q_index, kv_index)
     h_BTD, kv = self(positions=positions, segment_ids=segment_ids, inputs_embeds=x_BTD, structure=st,
-                     kv_cache=cache["kv"], cache_index=index)
-    return h_BTD, dict(cache, kv=kv, index=index + t, segment_ids=kv_segments)
+                     kv_cache=cache["kv"], cache_index=index_B)
+    return h_BTD, dict(cache, kv=kv, index=index_B + t, segment_ids=kv_segments)
 
   def prefill_embeds(self, x_BTD, positions, segment_ids, cache: dict):
     """Prefill from embeddings (the VL model splices images in first); see `prefill`."""
@@ -176,7 +179,8 @@ class Qwen2Decoder(decoder.DecoderStack):
   def decode(self, tokens_B, cache: dict):
     """Appends one token per row; returns (fp32 logits [B, V], cache)."""
     # The new token joins the segment of the last written slot (the prompt's).
-    segment_B1 = jax.lax.dynamic_slice_in_dim(cache["segment_ids"], cache["index"] - 1, 1, axis=1)
+    last_B1 = jnp.clip(cache["index"] - 1, 0, cache["segment_ids"].shape[1] - 1)[:, None]
+    segment_B1 = jnp.take_along_axis(cache["segment_ids"], last_B1, axis=1)
     pos_3B = cache["next_positions"]
     positions = pos_3B[:, :, None] if self.config.mrope_section is not None else pos_3B[0][:, None]
     h_B1D, cache = self.extend(self.embed(tokens_B[:, None]), positions, segment_B1, cache)
