@@ -84,8 +84,10 @@ class DecodingOptions:
 
   Attributes:
     refill: continuous batching: a finished row takes the next prompt (`decode.generate_refill`).
-      Greedy outputs per record are those of static batching. False = static batches of
-      `batch_size` records that each wait for their slowest row.
+      Greedy outputs per record are those of static batching. Applied to greedy decoding on one
+      device only: sampled draws would change (per-prompt keys), and a mesh of several devices
+      keeps static batches (not built yet). False = static batches of `batch_size` records that
+      each wait for their slowest row.
     stop_on_loop: a row whose tail is a confirmed exact loop stops and is recorded as
       `degenerate_early` with the tokens so far (and counts as degenerate).
     stop_on_loop_check: with `stop_on_loop`, also generate every record to full length, so that
@@ -111,8 +113,8 @@ def run_generation(model, tok, items, *, params: SamplingParams, batch_size: int
   budget (fixed here from `items` unless already fixed). With `mesh`, each batch is split over
   its data axes and the outputs gathered (`jaxdpo.generation.distributed`); every process must
   pass the same `items`. `decoding` (default: refill on, no early stop) chooses static batches
-  or row refill, and the early stop on loops. Row refill runs on one device: with a mesh of
-  more than one device the batches are static (refill on a mesh is not built yet).
+  or row refill, and the early stop on loops. Row refill applies to greedy decoding on one
+  device; sampled runs, and meshes of more than one device, use static batches.
   """
   if vision is not None and vision.budget is None:
     vision = vision.with_budget([seq for _, seq in items])
@@ -131,7 +133,10 @@ def run_generation(model, tok, items, *, params: SamplingParams, batch_size: int
   kw = dict(params=params, batch_size=batch_size, max_prompt_length=max_prompt_length, seed=seed, desc=desc,
             progress=progress, tok=tok, pad_id=pad_id, mesh=mesh)
   stop = degen_cfg if decoding.stop_on_loop else None
-  drive = _refill if decoding.refill and (mesh is None or mesh.size == 1) else _static
+  # Refill is exact for greedy decoding only; sampled runs keep static batches (and their draws, which
+  # the mesh path reproduces on any number of hosts). On more than one device: static (not built yet).
+  refill = decoding.refill and params.temperature == 0.0 and (mesh is None or mesh.size == 1)
+  drive = _refill if refill else _static
   results = drive(model, jobs, make_inputs, stop=stop, **kw)
   full = None
   if decoding.stop_on_loop and decoding.stop_on_loop_check:

@@ -105,7 +105,8 @@ def base() -> ml_collections.ConfigDict:
                                     # in the same workdir resumes from the saved chunks
   c.generate.debug_kill_after_chunk = -1  # tests: the process SIGKILLs itself after saving this chunk
   c.generate.refill = True           # continuous batching: a finished row takes the next prompt (greedy outputs
-                                     # per record as with static batches); False = static batches
+                                     # per record as with static batches; greedy on one device only, else
+                                     # static); False = static batches
   c.generate.stop_on_loop = False    # stop a row whose tail is a confirmed exact loop (degeneration.*), recorded
                                      # as degenerate_early; off = the study's full-length definition
   c.generate.stop_on_loop_check = False  # with stop_on_loop: also run every record to full length, and report how
