@@ -117,7 +117,7 @@ def test_vision_language_refill_equals_static_with_images(family, tmp_path):
   items = sampling.load_prompts(prompts, tok, sampling.PromptConfig(max_prompt_length=t), vision)
   items = items + items[::-1][:3]  # 9 prompts
   vision = vision.with_budget([seq for _, seq in items])
-  _, model = evaluate.load_generation_model(c)
+  _, model, _ = evaluate.load_generation_model(c)
 
   def make(job_ids):
     inputs = pipeline.collate_generation([items[j][1] for j in job_ids], length=t, pad_id=0, vision=vision)
