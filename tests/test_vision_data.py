@@ -155,17 +155,26 @@ def test_prompt_forms(env):
   assert no_chat.chosen[-1] == tok.eos_token_id and no_chat.prompt != plain.prompt
 
 
-def test_gemma_image_index_follows_pairs():
-  """Runs are counted row-major over rows c0, r0, c1, r1, ...; each reads its pair's slots."""
-  # Pairs with 1, 2 and 0 images, two slots per pair.
+def test_gemma_rows_read_their_records_images():
+  """Rows c0, r0, c1, r1, ... read their own record's images: run j of a row takes image j of its
+  pair, counted per row (no batch-wide run count); the pixels stay grouped per record."""
+  from jaxdpo.models.gemma3 import vlm
+  # Pairs with 1, 2 and 0 images, two slots per pair, M = 2 soft tokens per image.
   batch = {"input_ids": jnp.zeros((3, 2, 4), jnp.int32), "segment_ids": jnp.ones((3, 2, 4), jnp.int32),
            "pixel_values": jnp.zeros((3, 2, 3, 5, 5)), "num_images": jnp.asarray([1, 2, 0], jnp.int32)}
   out = gemma3_batching.model_inputs(batch, 2)
-  assert out["pixel_values"].shape == (6, 3, 5, 5) and out["input_ids"].shape == (6, 4)
-  # Runs: c0 -> slot 0; r0 -> slot 0; c1 -> slots 2, 3; r1 -> slots 2, 3; the rest unused (0).
-  np.testing.assert_array_equal(out["image_index"], [0, 0, 2, 3, 2, 3] + [0] * 6)
-  seq = gemma3_batching.model_inputs({k: v[:, 0] if k in ("input_ids", "segment_ids") else v for k, v in batch.items()}, 1)
-  np.testing.assert_array_equal(seq["image_index"], [0, 2, 3, 0, 0, 0])
+  assert out["pixel_values"].shape == (3, 2, 3, 5, 5) and out["input_ids"].shape == (6, 4)
+  feats = jnp.arange(3 * 2 * 2, dtype=jnp.float32).reshape(3, 2, 2, 1)  # value = 4 * record + 2 * image + token
+  image = np.zeros((6, 6), bool)
+  image[0, 1:3] = image[1, 2:4] = True  # pair 0: one image in each row, at different places
+  image[2, 0:2] = image[2, 3:5] = image[3, 0:2] = image[3, 4:6] = True  # pair 1: two images per row
+  got = np.asarray(vlm.splice_grouped(feats, jnp.asarray(image)))[..., 0]
+  np.testing.assert_array_equal(got[0, 1:3], [0, 1])
+  np.testing.assert_array_equal(got[1, 2:4], [0, 1])
+  np.testing.assert_array_equal(got[2, [0, 1, 3, 4]], [4, 5, 6, 7])
+  np.testing.assert_array_equal(got[3, [0, 1, 4, 5]], [4, 5, 6, 7])
+  with pytest.raises(ValueError, match="do not split"):
+    vlm.splice_grouped(feats, jnp.asarray(image[:5]))
 
 
 def test_qwen_positions_flatten_to_mrope_layout():
@@ -175,7 +184,7 @@ def test_qwen_positions_flatten_to_mrope_layout():
   out = qwen_batching.model_inputs(batch, 2)
   assert out["positions"].shape == (3, 4, 5)
   np.testing.assert_array_equal(out["positions"][:, 3], pos[1, 1])  # row 3 = pair 1, rejected
-  np.testing.assert_array_equal(out["vision_row"], [0, 0, 1, 1])
+  np.testing.assert_array_equal(out["vision_group"], [0, 0, 1, 1])
   assert out["pixel_values"].shape == (2, 8, 6)
 
 

@@ -12,6 +12,14 @@ pass `image_index` int [R], R >= the number of placeholder runs in the batch, so
 (row-major) takes image `image_index[r]`; then each distinct image is encoded once. Soft
 tokens computed elsewhere can be passed as `image_embeds` [I, M, D] (from `encode_images`)
 instead of `pixel_values`.
+
+Images grouped per record (the DPO, SFT and generation batches): `pixel_values` [R, I, 3, S, S]
+(or `image_embeds` [R, I, M, D]), R dividing the number of text rows B. The text rows come in R
+consecutive groups of B / R rows (a DPO pair's chosen and rejected), and the j-th placeholder run
+of a row takes image j of its group. The splice is then a batched take along each group's own
+soft tokens: with text rows and images sharded alike on the batch axes, no device needs
+another's features (nor a batch-wide count of placeholder runs). Image slots beyond a row's runs
+are encoded and never read.
 """
 
 from __future__ import annotations
@@ -24,6 +32,22 @@ from jaxdpo.models.gemma3.config import Gemma3Config
 from jaxdpo.models.gemma3.model import Gemma3TextModel, image_groups
 from jaxdpo.models.gemma3.projector import MultiModalProjector
 from jaxdpo.models.gemma3.siglip import SiglipVisionModel
+
+
+def splice_grouped(feats_RIMD, is_image_BT):
+  """Soft tokens [B, T, D] for text rows in R consecutive groups of B / R rows, group r showing
+  images feats_RIMD[r]: a row's k-th placeholder takes token k % M of its image k // M.
+
+  Counted per row, and taken along the group's own images (batched over the groups), so no
+  index reaches across the leading (sharded) axis.
+  """
+  r, i, m, d = feats_RIMD.shape
+  b, t = is_image_BT.shape
+  if b % r:
+    raise ValueError(f"{b} text rows do not split into groups over {r} records of images")
+  slot_BT = jnp.clip(jnp.cumsum(is_image_BT.astype(jnp.int32), axis=1) - 1, 0, i * m - 1)
+  feats_RND = jnp.take_along_axis(feats_RIMD.reshape(r, i * m, d), slot_BT.reshape(r, (b // r) * t, 1), axis=1)
+  return feats_RND.reshape(b, t, d)
 
 
 class Gemma3VLM(decoder.LanguageModelHead, nnx.Module):
@@ -56,11 +80,16 @@ class Gemma3VLM(decoder.LanguageModelHead, nnx.Module):
     if "image_embeds" in inputs:
       feats_IMD = inputs["image_embeds"]
     elif "pixel_values" in inputs:
-      feats_IMD = self.encode_images(inputs["pixel_values"])
+      pixels = inputs["pixel_values"]
+      feats_IMD = self.encode_images(pixels.reshape((-1,) + pixels.shape[-3:]))
+      feats_IMD = feats_IMD.reshape(pixels.shape[:-3] + feats_IMD.shape[-2:])
     else:
       return x_BTD, None
     b, t, d = x_BTD.shape
     feats_IMD = feats_IMD.astype(x_BTD.dtype)
+    if feats_IMD.ndim == 4:  # [R, I, M, D]: images grouped per record (module docstring)
+      spliced_BTD = splice_grouped(feats_IMD, is_image_BT)
+      return jnp.where(is_image_BT[..., None], spliced_BTD, x_BTD), image_groups(is_image_BT)
     # k-th placeholder of the batch (row-major) <- k-th soft token, as masked_scatter does.
     slot_BT = jnp.cumsum(is_image_BT.reshape(-1).astype(jnp.int32)).reshape(b, t) - 1
     if "image_index" in inputs:

@@ -4,8 +4,9 @@ Batch arrays (leading record axis B, written by the data pipeline's vision adapt
   pixel_values   float32 [B, P, E]   one vision row per record, zero patches up to the budget
   image_grid_thw int32 [B, I, 3]     the record's grids, zero rows up to the image budget
   positions      int32 [B, 2, 3, T] (pairs) or [B, 3, T]: M-RoPE positions (`row_positions`)
-`model_inputs` turns them into positions [3, R, T], the record's pixel rows, and `vision_row`
-[R] naming each text row's vision row, so a pair's two rows share one run of the tower.
+`model_inputs` turns them into positions [3, R, T], the record's pixel rows, and `vision_group`
+[R] naming each text row's vision row (its record), so a pair's two rows share one run of the tower
+and the splice stays on the device of the pair (`vl_model.splice_images_grouped`).
 Without `image_grid_thw` (a text-only batch) the text layout is used unchanged.
 """
 
@@ -37,5 +38,5 @@ def model_inputs(batch: dict, rows_per_record: int) -> dict:
   out["positions"] = jnp.moveaxis(pos.reshape((out["input_ids"].shape[0],) + pos.shape[-2:]), 1, 0)
   out["pixel_values"] = batch["pixel_values"]
   out["image_grid_thw"] = batch["image_grid_thw"]
-  out["vision_row"] = batching.record_of_row(batch, rows_per_record)
+  out["vision_group"] = batching.record_of_row(batch, rows_per_record)
   return out

@@ -20,13 +20,21 @@ The k-th image-pad token of the batch (row-major) receives the k-th real merged 
 in transformers; padding patches are never read.
   vision_row    optional int [B] (with 3D pixel_values): text row b takes its image tokens, in
                 order, from vision row vision_row[b] instead; rows sharing images (a DPO
-                pair) share a vision row, so the vision tower runs once for both. Text-only batches may omit `pixel_values` /
-`image_grid_thw` (or give P = 0).
+                pair) share a vision row, so the vision tower runs once for both.
+  vision_group  optional int [B] (with 3D pixel_values, instead of `vision_row`): the text rows come
+                in R consecutive groups of B / R rows (a DPO pair's chosen and rejected; one row
+                per record in the shared and SFT layouts) and text row b reads vision row
+                vision_group[b] = b // (B / R). The splice is then a batched take along each
+                group's own vision row (`splice_images_grouped`): with text and vision rows
+                sharded alike on the batch axes, no device needs another's features.
+Text-only batches may omit `pixel_values` / `image_grid_thw` (or give P = 0).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxdpo.models import attention, decoder
@@ -70,6 +78,28 @@ def splice_images_by_row(x_BTD, features_RGO, vision_row_B, image_mask_BT):
   return jnp.where(image_mask_BT[..., None], features_BTO.astype(x_BTD.dtype), x_BTD)
 
 
+def splice_images_grouped(x_BTD, features_RGO, image_mask_BT, vision_group_B=None):
+  """Like `splice_images_by_row` for text rows in R consecutive groups of B / R rows, group r
+  reading vision row r (`vision_group_B`, when concrete, is checked to say so).
+
+  Each row's placeholder k takes slot k of its group's features: a take along the slot axis,
+  batched over the groups, so no index reaches across the leading (sharded) axis.
+  """
+  r, g, o = features_RGO.shape
+  b, t, _ = x_BTD.shape
+  if b % r:
+    raise ValueError(f"{b} text rows do not split into groups over {r} vision rows")
+  if vision_group_B is not None and not isinstance(vision_group_B, jax.core.Tracer):
+    want = np.arange(b) // (b // r)
+    if not np.array_equal(np.asarray(vision_group_B), want):
+      raise ValueError(f"vision_group must be b // {b // r} for every text row b ({want.tolist()}), got "
+                       f"{np.asarray(vision_group_B).tolist()}; use vision_row for other layouts")
+  k_BT = jnp.clip(jnp.cumsum(image_mask_BT.astype(jnp.int32), axis=1) - 1, 0, g - 1)
+  features_RNO = jnp.take_along_axis(features_RGO, k_BT.reshape(r, (b // r) * t, 1), axis=1)
+  features_BTO = features_RNO.reshape(b, t, o)
+  return jnp.where(image_mask_BT[..., None], features_BTO.astype(x_BTD.dtype), x_BTD)
+
+
 class Qwen2_5_VL(decoder.LanguageModelHead, nnx.Module):
   """`Qwen2_5_VLForConditionalGeneration` without the loss: hidden states, logits, generation."""
 
@@ -93,6 +123,8 @@ class Qwen2_5_VL(decoder.LanguageModelHead, nnx.Module):
     grid = inputs["image_grid_thw"]
     features_RGD = self.image_features(pixels, grid)
     image_mask_BT = (ids == self.config.image_token_id) & (seg != 0)
+    if "vision_group" in inputs:
+      return splice_images_grouped(x_BTD, features_RGD, image_mask_BT, inputs["vision_group"])
     if "vision_row" in inputs:
       return splice_images_by_row(x_BTD, features_RGD, inputs["vision_row"], image_mask_BT)
     counts_R = merged_counts(grid, self.config.vision.merge_unit)
