@@ -164,7 +164,7 @@ def test_planner_counts_each_remat_policy_and_the_scan_copy():
   assert acts == sorted(acts, reverse=True) and len(set(acts)) == len(acts), acts
   # Full remat: one [T, D] block input per layer and token, plus one layer's full set during its backward.
   cfg = base.model_cfg.text
-  rows = 2 * config.train.batch_size // 8
+  rows = 2 * config.train.batch_size // 8 // config.train.grad_accum
   tokens = rows * config.data.max_length
   logits = rows * config.train.logprob_chunk * cfg.vocab_size * 4
   one_layer = plans["none"].activations - logits

@@ -4,6 +4,7 @@
                          [--peer-json peer.jsonl | --run-peer ../shared/bench/trl_dpo_peer.py]
   python -m jaxdpo.bench --workload uniform-1k --analyze   # compile only: FLOPs and memory plan
   python -m jaxdpo.bench --generate [--prompts 64 --batch 8 --max-new-tokens 256 --loop-share 0.1]
+  python -m jaxdpo.bench --stages   # memory / time estimates of each full-scale pipeline stage
 
 Workloads follow `shared/bench/README.md` (batch of 8 pairs, sigmoid loss, beta 0.1, bf16
 compute, random weights):
@@ -289,7 +290,14 @@ def main(argv=None) -> int:
   ap.add_argument("--repeats", type=int, default=1, help="--generate: timed runs per mode (the best is kept)")
   ap.add_argument("--seed", type=int, default=0, help="--generate: model and prompt seed")
   ap.add_argument("--no-hf", action="store_true", help="--generate: skip transformers' generate")
+  ap.add_argument("--stages", action="store_true",
+                  help="memory and time estimates of every full-scale pipeline stage (jaxdpo.cli.bench_stages)")
+  ap.add_argument("--families", default="nanonets_ocr2_3b,qwen2_5_vl_3b,gemma3_4b", help="--stages: models")
+  ap.add_argument("--json", action="store_true", help="--stages: one JSON line per row instead of the table")
   args = ap.parse_args(argv)
+  if args.stages:
+    from jaxdpo.cli import bench_stages
+    return bench_stages.main(args.families, args.json)
   if args.generate:
     from jaxdpo.cli import bench_generate
     return bench_generate.main(args)

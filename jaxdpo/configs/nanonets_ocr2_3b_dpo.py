@@ -40,5 +40,5 @@ def get_config(arg=None):
   c.dpo.beta = 0.1
   c.optim.lr = 1e-6
   c.dpo.reference = "model"
-  c.train.grad_accum = 4
+  c.train.grad_accum = 4  # as every full-size config (_full_size.py); kept explicit, it is documented above
   return c

@@ -1,0 +1,18 @@
+"""Degeneration eval of gemma-3-4b-it on full pages: greedy, the study's definition; -> generations.jsonl, eval_summary.json.
+
+  python -m jaxdpo.convert hf-to-jax --hf-dir /models/gemma-3-4b-it --out /ckpt/gemma3_4b
+  python -m jaxdpo.main --config configs/gemma3_4b_eval.py:/ckpt/gemma3_4b --workdir /runs/eval \
+      --config.data.prompts=/data/pages_heldout.jsonl
+
+Records are {"prompt", "reference", "images"} JSONL (README "Record formats"). The argument is the
+converted checkpoint directory (a DPO run's `DIR/model` works too); it also gives the tokenizer.
+Prompts are left-padded to 1024 tokens and outputs may run to 1024 new tokens, so mined pairs fit
+the DPO config's data.max_length=2048 (`jaxdpo.configs._full_size.full_size_generation` says why
+each setting is what it is). `python -m jaxdpo.bench --stages` prints the memory and time estimates.
+"""
+
+from jaxdpo.configs._full_size import full_size_generation
+
+
+def get_config(arg=None):
+  return full_size_generation("gemma3", "gemma3_4b", arg, "eval")

@@ -1,0 +1,18 @@
+"""Mining preference pairs from the model's own samples of gemma-3-4b-it on full pages: 4 samples per page at T=1, loops cut short; -> pairs.jsonl, samples.jsonl, mine_summary.json.
+
+  python -m jaxdpo.convert hf-to-jax --hf-dir /models/gemma-3-4b-it --out /ckpt/gemma3_4b
+  python -m jaxdpo.main --config configs/gemma3_4b_mine.py:/ckpt/gemma3_4b --workdir /runs/mine \
+      --config.data.prompts=/data/pages_mine.jsonl
+
+Records are {"prompt", "reference", "images"} JSONL (README "Record formats"). The argument is the
+converted checkpoint directory (a DPO run's `DIR/model` works too); it also gives the tokenizer.
+Prompts are left-padded to 1024 tokens and outputs may run to 1024 new tokens, so mined pairs fit
+the DPO config's data.max_length=2048 (`jaxdpo.configs._full_size.full_size_generation` says why
+each setting is what it is). `python -m jaxdpo.bench --stages` prints the memory and time estimates.
+"""
+
+from jaxdpo.configs._full_size import full_size_generation
+
+
+def get_config(arg=None):
+  return full_size_generation("gemma3", "gemma3_4b", arg, "mine")
