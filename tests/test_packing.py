@@ -1,7 +1,7 @@
 """Packing (issue 16 item 3): several prefix-shared pairs per row give the two-row step's loss,
 metrics and gradients (fp32; 1e-5 relative; gradients 1e-5 of each tensor's max), for Qwen2 and
 the Gemma 3 text model (sliding windows crossing the prompt/completion and pair boundaries), and
-on a data=2 x fsdp=2 mesh with two micro-batches. Images are not packed (refused, see the job test).
+on a data=2 x fsdp=2 mesh with two micro-batches. Packing with images: tests/test_packing_vision.py.
 """
 
 from __future__ import annotations
@@ -114,9 +114,7 @@ def test_job_refuses_what_packing_does_not_cover():
     validate.check(demo_config(**{"data.pack_tokens": 128}))
   with pytest.raises(ConfigError, match=r"dpo\.reference"):
     dpo_job.check_packing(demo_config(**{"data.pack_tokens": 128, "data.layout": "shared",
-                                         "dpo.reference": "cached"}), None)
-  with pytest.raises(ConfigError, match="images"):
-    dpo_job.check_packing(demo_config(**{"data.pack_tokens": 128, "data.layout": "shared"}), object())
+                                         "dpo.reference": "cached"}))
   with pytest.raises(ConfigError, match="cuDNN"):
     dpo_job.check_packing(demo_config(**{"data.pack_tokens": 128, "data.layout": "shared",
-                                         "model.attention_impl": "cudnn"}), None)
+                                         "model.attention_impl": "cudnn"}))

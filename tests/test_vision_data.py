@@ -155,26 +155,35 @@ def test_prompt_forms(env):
   assert no_chat.chosen[-1] == tok.eos_token_id and no_chat.prompt != plain.prompt
 
 
-def test_gemma_rows_read_their_records_images():
-  """Rows c0, r0, c1, r1, ... read their own record's images: run j of a row takes image j of its
-  pair, counted per row (no batch-wide run count); the pixels stay grouped per record."""
-  from jaxdpo.models.gemma3 import vlm
-  # Pairs with 1, 2 and 0 images, two slots per pair, M = 2 soft tokens per image.
+def test_rows_read_their_records_images():
+  """Rows c0, r0, c1, r1, ... read their own record's features: placeholder k of a row takes
+  feature k of its pair, counted per row (no batch-wide count); in a packed row, the pair in
+  segment s counts its own placeholders and reads pair slot s - 1."""
+  from jaxdpo.models import splice
+  # Gemma's layout keeps the pixels grouped per record. Pairs with 1, 2 and 0 images, two slots each.
   batch = {"input_ids": jnp.zeros((3, 2, 4), jnp.int32), "segment_ids": jnp.ones((3, 2, 4), jnp.int32),
            "pixel_values": jnp.zeros((3, 2, 3, 5, 5)), "num_images": jnp.asarray([1, 2, 0], jnp.int32)}
   out = gemma3_batching.model_inputs(batch, 2)
   assert out["pixel_values"].shape == (3, 2, 3, 5, 5) and out["input_ids"].shape == (6, 4)
-  feats = jnp.arange(3 * 2 * 2, dtype=jnp.float32).reshape(3, 2, 2, 1)  # value = 4 * record + 2 * image + token
+  # 2 images x 2 tokens per record: feature value = 4 * record + 2 * image + token.
+  feats = jnp.arange(3 * 4, dtype=jnp.float32).reshape(3, 4, 1)
   image = np.zeros((6, 6), bool)
   image[0, 1:3] = image[1, 2:4] = True  # pair 0: one image in each row, at different places
   image[2, 0:2] = image[2, 3:5] = image[3, 0:2] = image[3, 4:6] = True  # pair 1: two images per row
-  got = np.asarray(vlm.splice_grouped(feats, jnp.asarray(image)))[..., 0]
+  seg = np.ones((6, 6), np.int32)
+  index = splice.feature_index(jnp.asarray(image), jnp.asarray(seg), 1, 4)
+  got = np.asarray(splice.splice(jnp.full((6, 6, 1), -1.0), feats, index, jnp.asarray(image)))[..., 0]
   np.testing.assert_array_equal(got[0, 1:3], [0, 1])
   np.testing.assert_array_equal(got[1, 2:4], [0, 1])
   np.testing.assert_array_equal(got[2, [0, 1, 3, 4]], [4, 5, 6, 7])
   np.testing.assert_array_equal(got[3, [0, 1, 4, 5]], [4, 5, 6, 7])
+  assert (got[~image] == -1).all()
+  # Packed: one row, pairs in segments 1 (two placeholders) and 2 (one), 2 slots of 2 features.
+  row = jnp.asarray([[True, True, False, False, True, False]])
+  index = splice.feature_index(row, jnp.asarray([[1, 1, 1, 2, 2, 0]]), 2, 2)
+  np.testing.assert_array_equal(np.asarray(index)[0], [0, 1, 0, 0, 2, 0])
   with pytest.raises(ValueError, match="do not split"):
-    vlm.splice_grouped(feats, jnp.asarray(image[:5]))
+    splice.splice(jnp.zeros((5, 6, 1)), feats, index.repeat(5, 0), jnp.asarray(image[:5]))
 
 
 def test_qwen_positions_flatten_to_mrope_layout():

@@ -3,8 +3,9 @@ on a data=4 mesh (4 of the 8 fake CPU devices, one pair per device) moves no vis
 between devices: no all-gather, all-to-all or collective-permute in the compiled HLO has the
 features' shape (nor the batch's image-token mask, which a batch-wide placeholder count needs).
 
-Both vision families (Qwen2.5-VL, Gemma 3) in the two-row layout, and Qwen2.5-VL in the shared
-[P | C | R] layout (one row per pair). Negative control: the former flat splice (Qwen `vision_row`,
+Both vision families (Qwen2.5-VL, Gemma 3) in the two-row layout, Qwen2.5-VL in the shared
+[P | C | R] layout (one row per pair) and Gemma 3 in packed rows (several pairs per row, their
+images per pair slot). Negative control: the former flat splice (Qwen `vision_row`,
 Gemma images flattened over the batch and counted row-major) compiled the same way is flagged,
 so the check can fail. Compile-only: nothing runs.
 """
@@ -32,9 +33,9 @@ from jaxdpo.train import update
 from tests._dpo_helpers import grad_recorder
 
 PRESETS = {"qwen2_5_vl": "tiny_vl", "gemma3": "tiny"}
-# The shared layout's splice is the two-row one with one row per group: checked once (each compile
-# costs ~12 s of CPU).
-LAYOUTS = {"qwen2_5_vl": ("pairs", "shared"), "gemma3": ("pairs",)}
+# The shared layout's splice is the two-row one with one row per group, the packed one adds pair
+# slots: each checked once (a compile costs ~12 s of CPU).
+LAYOUTS = {"qwen2_5_vl": ("pairs", "shared"), "gemma3": ("pairs", "packed")}
 DATA4 = {"data": 4, "fsdp": 1, "tensor": 1}
 MOVES = ("all-gather", "all-gather-start", "all-to-all", "collective-permute", "collective-permute-start")
 _OP = re.compile(r"=\s*(.*?)\s(" + "|".join(MOVES) + r")\(")
@@ -59,7 +60,11 @@ def setup(request, tmp_path_factory):
   length, slots = shared_rows.shape_for(pairs)
   batches = {"pairs": pipeline.collate_pairs(pairs, max_length=64, pad_id=pad, vision=vision),
              "shared": pipeline.collate_shared(pairs, max_length=64, pad_id=pad, vision=vision, length=length,
-                                               slots=slots)}
+                                               slots=slots),
+             # Several pairs per row (row_multiple 4: one packed row per device), images per pair slot.
+             "packed": pipeline.collate_packed(pairs, max_length=64, pad_id=pad, vision=vision, row_multiple=4,
+                                               pack_tokens=2 * max(len(p.prompt) + len(p.chosen) + len(p.rejected)
+                                                                   for p in pairs))}
   mesh = shd.make_mesh(DATA4)
   bundle = model_setup.setup_model(c.model, mesh, shd.DEFAULT_RULES, seed=0)
   return dict(config=c, batches=batches, mesh=mesh, bundle=bundle)

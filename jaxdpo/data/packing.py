@@ -16,9 +16,16 @@ Batch arrays:
   score_mask    int32 [R, Q]  1 on real completion tokens
   pair_valid    int32 [R, M]  1 on the M pair slots that hold a pair
   ref_logps     fp32  [R, M, 2] optional
+  images        the family's per-pair image arrays with the pair slot axis added: [R, M, ...]
+                (Qwen2.5-VL pixel_values [R, M, P, E], image_grid_thw [R, M, I, 3]; Gemma 3
+                pixel_values [R, M, I, 3, S, S], num_images [R, M]); an empty slot holds no image
+A pair's positions are its two-row positions, as in the shared layout: 1D, or Qwen2.5-VL's M-RoPE
+positions [R, 3, T], whose completions continue from the prompt's rope_deltas. Its image
+placeholders sit in its prompt, once, and read its own slot's features (`jaxdpo.models.splice`);
+Gemma 3's bidirectional image groups are runs within the pair's segment.
 Shapes come from a small fixed set so compiles stay bounded: T = pack_tokens, R a power of two
 times `row_multiple` (the batch devices x micro-batches, so rows split evenly), Q one of
-T/8, T/4, T/2, T and M a power of two. Images are not packed (refused).
+T/8, T/4, T/2, T and M a power of two.
 """
 
 from __future__ import annotations
@@ -65,12 +72,8 @@ def assign(lengths: Sequence[int], budget: int) -> list[list[int]]:
 
 def pack(two_row: dict, prompt_lengths: Sequence[int], *, pack_tokens: int, row_multiple: int = 1) -> dict:
   """The two-row batch -> packed rows (module docstring)."""
-  extra = sorted(k for k in two_row if k not in TEXT)
-  if extra:
-    raise DataError(f"data.pack_tokens: batches with images are not packed (keys {extra}); use data.layout=shared")
+  images = sorted(k for k in two_row if k not in TEXT)  # per pair, leading pair axis (the family's layout)
   seg2, ids2, pos2 = two_row["segment_ids"], two_row["input_ids"], two_row["positions"]
-  if pos2.ndim != 3:
-    raise DataError("data.pack_tokens: multimodal (3D) positions are not packed; use data.layout=shared")
   t = shared_rows.round_up(pack_tokens)
   sizes = [(int(p), int(seg2[i, 0].sum()) - p, int(seg2[i, 1].sum()) - p) for i, p in enumerate(prompt_lengths)]
   if any(p < 1 for p, _, _ in sizes):
@@ -79,8 +82,10 @@ def pack(two_row: dict, prompt_lengths: Sequence[int], *, pack_tokens: int, row_
   n_rows = row_multiple * _pow2_at_least(-(-len(rows) // row_multiple))
   m = _pow2_at_least(max(len(r) for r in rows))
   q = bucket_tokens(max(sum(sizes[i][1] + sizes[i][2] for i in r) for r in rows), t)
-  out = {k: np.zeros((n_rows, t), np.int32) for k in ("input_ids", "segment_ids", "positions", "attn_order",
-                                                       "attn_branch")}
+  out = {k: np.zeros((n_rows, t), np.int32) for k in ("input_ids", "segment_ids", "attn_order", "attn_branch")}
+  out["positions"] = np.zeros((n_rows,) + pos2.shape[2:-1] + (t,), np.int32)  # [R, T], or [R, 3, T] (M-RoPE)
+  for k in images:  # pair slot j of row r holds its pair's images; empty slots hold zeros (no images)
+    out[k] = np.zeros((n_rows, m) + two_row[k].shape[1:], two_row[k].dtype)
   for k in ("score_index", "score_targets", "score_slot", "score_rank", "score_mask"):
     out[k] = np.zeros((n_rows, q), np.int32)
   out["pack_count"] = np.zeros((n_rows,), np.int32)
@@ -98,8 +103,8 @@ def pack(two_row: dict, prompt_lengths: Sequence[int], *, pack_tokens: int, row_
       out["input_ids"][row, at:end_c] = ids2[i, 0, :p + c]
       out["input_ids"][row, end_c:end] = ids2[i, 1, p:p + r]
       out["segment_ids"][row, at:end] = slot + 1
-      out["positions"][row, at:end_c] = pos2[i, 0, :p + c]
-      out["positions"][row, end_c:end] = pos2[i, 1, p:p + r]
+      out["positions"][row, ..., at:end_c] = pos2[i, 0, ..., :p + c]
+      out["positions"][row, ..., end_c:end] = pos2[i, 1, ..., p:p + r]
       out["attn_order"][row, at:end_c] = np.arange(p + c)
       out["attn_order"][row, end_c:end] = p + np.arange(r)
       out["attn_branch"][row, at + p:end_c] = 1
@@ -115,6 +120,8 @@ def pack(two_row: dict, prompt_lengths: Sequence[int], *, pack_tokens: int, row_
       out["pair_valid"][row, slot] = 1
       if "ref_logps" in two_row:
         out["ref_logps"][row, slot] = two_row["ref_logps"][i]
+      for k in images:
+        out[k][row, slot] = two_row[k][i]
       at = end
   return out
 

@@ -64,10 +64,11 @@ def collate_shared(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: i
 
 
 def collate_packed(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: int, pack_tokens: int,
-                   row_multiple: int = 1) -> dict[str, np.ndarray]:
-  """Text pairs packed several per row up to `pack_tokens` (`jaxdpo.data.packing`); the leading
-  axis is packed rows, a multiple of `row_multiple` (batch devices x micro-batches)."""
-  two_row = collate_pairs(pairs, max_length=max_length, pad_id=pad_id)
+                   row_multiple: int = 1, vision=None) -> dict[str, np.ndarray]:
+  """Pairs packed several per row up to `pack_tokens` (`jaxdpo.data.packing`); the leading axis is
+  packed rows, a multiple of `row_multiple` (batch devices x micro-batches). With `vision`, each
+  row carries its pairs' images, one pair slot each."""
+  two_row = collate_pairs(pairs, max_length=max_length, pad_id=pad_id, vision=vision)
   return packing.pack(two_row, [len(p.prompt) for p in pairs], pack_tokens=pack_tokens, row_multiple=row_multiple)
 
 

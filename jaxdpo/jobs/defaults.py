@@ -51,8 +51,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.layout = "pairs"           # dpo, ref_logps: pairs = two rows per pair (prompt+chosen, prompt+rejected);
                                     # shared = one row [prompt | chosen | rejected] per pair, the prompt computed once
                                     # (same loss, metrics and gradients; rows sized to the data's longest pair)
-  c.data.pack_tokens = 0            # with data.layout=shared: pack several pairs per row of this many tokens (text
-                                    # models, live reference, one process, xla attention); 0 = one pair per row
+  c.data.pack_tokens = 0            # with data.layout=shared: pack several pairs per row of this many tokens (images
+                                    # too; live reference, one process, xla attention); 0 = one pair per row
   c.data.use_chat_template = True   # wrap prompts with the tokenizer's chat template
   c.data.shuffle = True             # shuffle the training order (seeded)
   c.data.prompts = ""               # eval / mine input: {"prompt", "reference"?, "images"?} records

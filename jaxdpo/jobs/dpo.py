@@ -195,12 +195,13 @@ def pair_collate(config, examples, pad_id: int, vision, mesh=None, window=None):
   several shared pairs per packed row (shapes from a few buckets, `jaxdpo.data.packing`)."""
   max_length = config.data.max_length
   if config.data.pack_tokens:
-    check_packing(config, vision)
+    check_packing(config)
     row_multiple = config.train.grad_accum
     if mesh is not None:
       row_multiple *= mesh.shape["data"] * mesh.shape["fsdp"]
     return lambda b: pipeline.collate_packed(b, max_length=max_length, pad_id=pad_id,
-                                             pack_tokens=config.data.pack_tokens, row_multiple=row_multiple)
+                                             pack_tokens=config.data.pack_tokens, row_multiple=row_multiple,
+                                             vision=vision)
   if config.data.layout == "shared":
     length, slots = shared_rows.shape_for(examples)
     return lambda b: pipeline.collate_shared(b, max_length=max_length, pad_id=pad_id, vision=vision, length=length,
@@ -211,11 +212,9 @@ def pair_collate(config, examples, pad_id: int, vision, mesh=None, window=None):
   return collate if window is None else common.window_checked(collate, window, "preference batch")
 
 
-def check_packing(config, vision):
+def check_packing(config):
   """What packing does not cover yet is refused, naming the key (not silently run another way)."""
   key = f"config.data.pack_tokens={config.data.pack_tokens}"
-  if vision is not None:
-    raise ConfigError(f"{key}: packing rows with images is not built; use config.data.layout=shared without packing")
   if config.dpo.reference != "model" and not config.dpo.reference_free:
     raise ConfigError(f"{key}: packing with config.dpo.reference={config.dpo.reference!r} is not built (cached "
                       "log-probs are per pair, packed rows are not); use dpo.reference=model")

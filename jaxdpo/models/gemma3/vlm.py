@@ -19,7 +19,9 @@ consecutive groups of B / R rows (a DPO pair's chosen and rejected), and the j-t
 of a row takes image j of its group. The splice is then a batched take along each group's own
 soft tokens: with text rows and images sharded alike on the batch axes, no device needs
 another's features (nor a batch-wide count of placeholder runs). Image slots beyond a row's runs
-are encoded and never read.
+are encoded and never read. Packed rows (several pairs per row, told apart by segment ids) give
+the images per pair slot: [R, S, I, 3, S', S'] / [R, S, I, M, D]; segment s reads slot s - 1
+(`jaxdpo.models.splice`).
 """
 
 from __future__ import annotations
@@ -27,27 +29,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdpo.models import attention, decoder
+from jaxdpo.models import attention, decoder, splice
 from jaxdpo.models.gemma3.config import Gemma3Config
 from jaxdpo.models.gemma3.model import Gemma3TextModel, image_groups
 from jaxdpo.models.gemma3.projector import MultiModalProjector
 from jaxdpo.models.gemma3.siglip import SiglipVisionModel
-
-
-def splice_grouped(feats_RIMD, is_image_BT):
-  """Soft tokens [B, T, D] for text rows in R consecutive groups of B / R rows, group r showing
-  images feats_RIMD[r]: a row's k-th placeholder takes token k % M of its image k // M.
-
-  Counted per row, and taken along the group's own images (batched over the groups), so no
-  index reaches across the leading (sharded) axis.
-  """
-  r, i, m, d = feats_RIMD.shape
-  b, t = is_image_BT.shape
-  if b % r:
-    raise ValueError(f"{b} text rows do not split into groups over {r} records of images")
-  slot_BT = jnp.clip(jnp.cumsum(is_image_BT.astype(jnp.int32), axis=1) - 1, 0, i * m - 1)
-  feats_RND = jnp.take_along_axis(feats_RIMD.reshape(r, i * m, d), slot_BT.reshape(r, (b // r) * t, 1), axis=1)
-  return feats_RND.reshape(b, t, d)
 
 
 class Gemma3VLM(decoder.LanguageModelHead, nnx.Module):
@@ -87,9 +73,12 @@ class Gemma3VLM(decoder.LanguageModelHead, nnx.Module):
       return x_BTD, None
     b, t, d = x_BTD.shape
     feats_IMD = feats_IMD.astype(x_BTD.dtype)
-    if feats_IMD.ndim == 4:  # [R, I, M, D]: images grouped per record (module docstring)
-      spliced_BTD = splice_grouped(feats_IMD, is_image_BT)
-      return jnp.where(is_image_BT[..., None], spliced_BTD, x_BTD), image_groups(is_image_BT)
+    if feats_IMD.ndim >= 4:  # [R, I, M, D] grouped per record, [R, S, I, M, D] per pair slot (docstring)
+      r, slots = feats_IMD.shape[0], feats_IMD.shape[1] if feats_IMD.ndim == 5 else 1
+      per_slot = feats_IMD.shape[-3] * feats_IMD.shape[-2]
+      index_BT = splice.feature_index(is_image_BT, seg_BT, slots, per_slot)
+      x_BTD = splice.splice(x_BTD, feats_IMD.reshape(r, slots * per_slot, d), index_BT, is_image_BT)
+      return x_BTD, image_groups(is_image_BT)
     # k-th placeholder of the batch (row-major) <- k-th soft token, as masked_scatter does.
     slot_BT = jnp.cumsum(is_image_BT.reshape(-1).astype(jnp.int32)).reshape(b, t) - 1
     if "image_index" in inputs:

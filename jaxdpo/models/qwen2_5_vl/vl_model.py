@@ -25,8 +25,11 @@ in transformers; padding patches are never read.
                 in R consecutive groups of B / R rows (a DPO pair's chosen and rejected; one row
                 per record in the shared and SFT layouts) and text row b reads vision row
                 vision_group[b] = b // (B / R). The splice is then a batched take along each
-                group's own vision row (`splice_images_grouped`): with text and vision rows
-                sharded alike on the batch axes, no device needs another's features.
+                group's own vision row (`jaxdpo.models.splice`): with text and vision rows
+                sharded alike on the batch axes, no device needs another's features. Packed
+                rows (several pairs per row, told apart by segment ids) give one vision row per
+                pair slot: pixel_values [R, S, P, E], image_grid_thw [R, S, I, 3]; segment s
+                reads slot s - 1.
 Text-only batches may omit `pixel_values` / `image_grid_thw` (or give P = 0).
 """
 
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdpo.models import attention, decoder
+from jaxdpo.models import attention, decoder, splice
 from jaxdpo.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from jaxdpo.models.qwen2_5_vl.model import Qwen2Decoder, text_positions
 from jaxdpo.models.qwen2_5_vl.vision import VisionTower
@@ -78,26 +81,16 @@ def splice_images_by_row(x_BTD, features_RGO, vision_row_B, image_mask_BT):
   return jnp.where(image_mask_BT[..., None], features_BTO.astype(x_BTD.dtype), x_BTD)
 
 
-def splice_images_grouped(x_BTD, features_RGO, image_mask_BT, vision_group_B=None):
-  """Like `splice_images_by_row` for text rows in R consecutive groups of B / R rows, group r
-  reading vision row r (`vision_group_B`, when concrete, is checked to say so).
-
-  Each row's placeholder k takes slot k of its group's features: a take along the slot axis,
-  batched over the groups, so no index reaches across the leading (sharded) axis.
-  """
-  r, g, o = features_RGO.shape
-  b, t, _ = x_BTD.shape
-  if b % r:
-    raise ValueError(f"{b} text rows do not split into groups over {r} vision rows")
-  if vision_group_B is not None and not isinstance(vision_group_B, jax.core.Tracer):
-    want = np.arange(b) // (b // r)
-    if not np.array_equal(np.asarray(vision_group_B), want):
-      raise ValueError(f"vision_group must be b // {b // r} for every text row b ({want.tolist()}), got "
-                       f"{np.asarray(vision_group_B).tolist()}; use vision_row for other layouts")
-  k_BT = jnp.clip(jnp.cumsum(image_mask_BT.astype(jnp.int32), axis=1) - 1, 0, g - 1)
-  features_RNO = jnp.take_along_axis(features_RGO, k_BT.reshape(r, (b // r) * t, 1), axis=1)
-  features_BTO = features_RNO.reshape(b, t, o)
-  return jnp.where(image_mask_BT[..., None], features_BTO.astype(x_BTD.dtype), x_BTD)
+def check_groups(vision_group_B, rows: int, groups: int):
+  """`vision_group` must say b // (B / R) for every text row b (checked when concrete)."""
+  if rows % groups:
+    raise ValueError(f"{rows} text rows do not split into groups over {groups} vision rows")
+  if isinstance(vision_group_B, jax.core.Tracer):
+    return
+  want = np.arange(rows) // (rows // groups)
+  if not np.array_equal(np.asarray(vision_group_B), want):
+    raise ValueError(f"vision_group must be b // {rows // groups} for every text row b ({want.tolist()}), got "
+                     f"{np.asarray(vision_group_B).tolist()}; use vision_row for other layouts")
 
 
 class Qwen2_5_VL(decoder.LanguageModelHead, nnx.Module):
@@ -121,14 +114,26 @@ class Qwen2_5_VL(decoder.LanguageModelHead, nnx.Module):
     if pixels is None or pixels.size == 0:
       return x_BTD
     grid = inputs["image_grid_thw"]
-    features_RGD = self.image_features(pixels, grid)
     image_mask_BT = (ids == self.config.image_token_id) & (seg != 0)
     if "vision_group" in inputs:
-      return splice_images_grouped(x_BTD, features_RGD, image_mask_BT, inputs["vision_group"])
+      return self._splice_grouped(x_BTD, pixels, grid, inputs["vision_group"], seg, image_mask_BT)
+    features_RGD = self.image_features(pixels, grid)
     if "vision_row" in inputs:
       return splice_images_by_row(x_BTD, features_RGD, inputs["vision_row"], image_mask_BT)
     counts_R = merged_counts(grid, self.config.vision.merge_unit)
     return splice_images(x_BTD, features_RGD, counts_R, image_mask_BT)
+
+  def _splice_grouped(self, x_BTD, pixels, grid, vision_group_B, seg_BT, image_mask_BT):
+    """`vision_group` inputs: pixels [R, P, E] (one vision row per record), or [R, S, P, E] for
+    packed rows (one vision row per pair slot; `jaxdpo.models.splice`)."""
+    r = pixels.shape[0]
+    slots = pixels.shape[1] if pixels.ndim == 4 else 1
+    check_groups(vision_group_B, x_BTD.shape[0], r)
+    features = self.image_features(pixels.reshape((r * slots,) + pixels.shape[-2:]),
+                                   grid.reshape((r * slots,) + grid.shape[-2:]))  # [R * S, G, D]
+    per_slot = features.shape[1]
+    index_BT = splice.feature_index(image_mask_BT, seg_BT, slots, per_slot)
+    return splice.splice(x_BTD, features.reshape(r, slots * per_slot, -1), index_BT, image_mask_BT)
 
   def _positions(self, inputs: dict):
     if "positions" in inputs:
