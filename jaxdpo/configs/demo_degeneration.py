@@ -2,6 +2,8 @@
 
   python -m jaxdpo.main --config configs/demo_degeneration.py --workdir /tmp/jaxdpo-demo
   python -m jaxdpo.main --config configs/demo_degeneration.py:ci --workdir /tmp/jaxdpo-demo-ci   # ~2 min
+  python -m jaxdpo.main --config configs/demo_degeneration.py:gemma3 --workdir /tmp/jaxdpo-demo-gemma3
+  (`:gemma3_ci` is the short plumbing run of the Gemma 3 variant.)
 
 Six stages in one job (jaxdpo/jobs/demo.py): SFT, eval, mine, DPO (SFT as reference, with an SFT
 term), the control (SFT continued on the mined pages, same steps and lr), eval of both; then
@@ -14,14 +16,13 @@ import ml_collections
 from jaxdpo.errors import ConfigError
 from jaxdpo.jobs import defaults as config_defaults
 
-VARIANTS = ("full", "ci")
+VARIANTS = ("full", "ci", "gemma3", "gemma3_ci")
 
 
 def get_config(arg=None):
   variant = arg or "full"
   if variant not in VARIANTS:
-    raise ConfigError(f"configs/demo_degeneration.py:{variant}: expected one of {VARIANTS} (the Gemma 3 variant "
-                      "is not built yet)")
+    raise ConfigError(f"configs/demo_degeneration.py:{variant}: expected one of {VARIANTS}")
   c = config_defaults.base()
   c.job = "demo"
   c.model.family = "qwen2_5_vl"
@@ -58,7 +59,14 @@ def get_config(arg=None):
   c.demo.dpo_batch_size = 16
   c.demo.dpo_lr = 3e-4
   c.demo.dpo_warmup_steps = 10
-  if variant == "ci":
+  if variant.startswith("gemma3"):
+    # The Gemma 3 reader (`demo_gemma`): square 64x64 px pages (SigLIP's fixed size), 64 image tokens plus
+    # boi / eoi, so the prompt is 76 tokens (Qwen's 57) and every length grows by 19.
+    c.model.family = "gemma3"
+    c.model.preset = "demo_gemma"
+    c.data.max_length = 131        # prompt 76 + a 6-line transcription (53) + end of turn + EOS
+    c.generate.max_prompt_length = 80
+  if variant.endswith("ci"):
     c.demo.sft_pages = 96
     c.demo.mine_pages = 24
     c.demo.heldout_pages = 24

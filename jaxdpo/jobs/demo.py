@@ -18,6 +18,8 @@ wall time); a re-run skips finished stages and resumes a training stage from its
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import time
@@ -84,22 +86,37 @@ def prepare_data(config, workdir: str) -> dict[str, str]:
   paths["tokenizer"] = os.path.join(d, "tokenizer")
   if os.path.exists(marker):
     return paths
-  if config.model.family != "qwen2_5_vl" or config.model.checkpoint:
-    raise UserError(f"config.model: the demo trains a fresh qwen2_5_vl preset (got family "
-                    f"{config.model.family!r}, checkpoint {config.model.checkpoint!r})")
-  model_cfg = registry.get_family(config.model.family).presets[config.model.preset]()
+  family = config.model.family
+  if family not in ("qwen2_5_vl", "gemma3") or config.model.checkpoint:
+    raise UserError(f"config.model: the demo trains a fresh qwen2_5_vl or gemma3 preset (got family "
+                    f"{family!r}, checkpoint {config.model.checkpoint!r})")
+  model_cfg = registry.get_family(family).presets[config.model.preset]()
   v = model_cfg.vision
-  if v.patch_size * v.spatial_merge_size != pages_lib.script.CELL or model_cfg.text.vocab_size != \
-      demo_tokenizer.VOCAB_SIZE or model_cfg.image_token_id != 60:
-    raise UserError(f"config.model.preset={config.model.preset!r}: the demo pages need {pages_lib.script.CELL}-px "
-                    f"merged vision tokens and the demo tokenizer's {demo_tokenizer.VOCAB_SIZE} ids (use demo_vl)")
   dm = config.demo
-  specs = pages_lib.SPLITS
-  pages_lib.write_splits(d, {"sft": dm.sft_pages, "mine": dm.mine_pages, "heldout": dm.heldout_pages},
-                         seed=config.seed, specs=specs)
-  demo_tokenizer.write(paths["tokenizer"], patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                       temporal_patch_size=v.temporal_patch_size, min_pixels=min(s.pixels for s in specs.values()),
-                       max_pixels=max(s.pixels for s in specs.values()))
+  sizes = {"sft": dm.sft_pages, "mine": dm.mine_pages, "heldout": dm.heldout_pages}
+  if family == "qwen2_5_vl":
+    if v.patch_size * v.spatial_merge_size != pages_lib.script.CELL or model_cfg.text.vocab_size != \
+        demo_tokenizer.VOCAB_SIZE or model_cfg.image_token_id != 60:
+      raise UserError(f"config.model.preset={config.model.preset!r}: the demo pages need {pages_lib.script.CELL}-px "
+                      f"merged vision tokens and the demo tokenizer's {demo_tokenizer.VOCAB_SIZE} ids (use demo_vl)")
+    specs = pages_lib.SPLITS
+    pages_lib.write_splits(d, sizes, seed=config.seed, specs=specs)
+    demo_tokenizer.write(paths["tokenizer"], patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                         temporal_patch_size=v.temporal_patch_size, min_pixels=min(s.pixels for s in specs.values()),
+                         max_pixels=max(s.pixels for s in specs.values()))
+  else:
+    # SigLIP sees one fixed square: every split is rendered on the square canvas the preset reads, one
+    # glyph cell per pooled image token (the splits keep their content, only the canvas changes).
+    side = int(round(model_cfg.mm_tokens_per_image ** 0.5))
+    if v.image_size != side * pages_lib.script.CELL or model_cfg.text.vocab_size != demo_tokenizer.GEMMA_VOCAB_SIZE \
+        or model_cfg.image_token_id != max(demo_tokenizer.GEMMA_IMAGE):
+      raise UserError(f"config.model.preset={config.model.preset!r}: the Gemma 3 demo needs one pooled image token "
+                      f"per {pages_lib.script.CELL}-px cell and the demo tokenizer's "
+                      f"{demo_tokenizer.GEMMA_VOCAB_SIZE} ids (use demo_gemma)")
+    specs = {k: dataclasses.replace(s, cols=side, rows=side, line_words=min(s.line_words, side))
+             for k, s in pages_lib.SPLITS.items()}
+    pages_lib.write_splits(d, sizes, seed=config.seed, specs=specs)
+    demo_tokenizer.write_gemma(paths["tokenizer"], image_size=v.image_size)
   jsonio.write_json(marker, {"pages": {"sft": dm.sft_pages, "mine": dm.mine_pages, "heldout": dm.heldout_pages},
                              "seed": config.seed})
   return paths

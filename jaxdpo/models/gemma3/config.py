@@ -178,5 +178,21 @@ def tiny() -> Gemma3Config:
                       boi_token_id=328, eoi_token_id=329)
 
 
-PRESETS = {"gemma3_4b": gemma3_4b, "tiny": tiny}
+def demo_gemma() -> Gemma3Config:
+  """The demo's Gemma 3 reader (`configs/demo_degeneration.py:gemma3`): 64x64 px pages, patch 4 (16x16
+  patches) pooled 2x2 to 8x8 = 64 image tokens, one per 8-px glyph cell; vocabulary 66 and image ids
+  63-65 match `jaxdpo.demo.tokenizer.write_gemma`. One local and one global layer (the window covers a
+  whole demo sequence, so both kinds see the page)."""
+  text = Gemma3TextConfig(
+      vocab_size=66, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+      intermediate_size=128, layer_types=(SLIDING, FULL), sliding_window=256, query_pre_attn_scalar=16.0,
+      rope_global_theta=1_000_000.0, rope_global_linear_factor=1.0, rope_local_theta=10_000.0,
+      eos_token_ids=(1, 5), bos_token_id=2, pad_token_id=0)
+  vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, image_size=64,
+                              patch_size=4)
+  return Gemma3Config(text=text, vision=vision, mm_tokens_per_image=64, image_token_id=65, boi_token_id=63,
+                      eoi_token_id=64)
+
+
+PRESETS = {"gemma3_4b": gemma3_4b, "tiny": tiny, "demo_gemma": demo_gemma}
 TEXT_PRESETS = {"gemma3_4b_text": gemma3_4b_text, "tiny_text": tiny_text}
