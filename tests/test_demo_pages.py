@@ -65,3 +65,14 @@ def test_splits_get_their_own_canvas_and_stay_disjoint(tmp_path):
                                     "heldout": dataclasses.replace(tall, noise=0.0)})
   assert [json.loads(line)["reference"] for line in open(again["heldout"])] == [r["reference"] for r in rows["heldout"]]
   assert pages.PageSpec(cols=8, rows=10).pixels == 80 * script.CELL ** 2
+
+
+def test_alternate_block_takes_turns_and_blocks_are_validated():
+  spec = pages.PageSpec(cols=4, rows=12, min_lines=12, max_lines=12, repeat_times=(12, 12), blocks=("alternate",))
+  lines = pages.make_page(np.random.RandomState(1), spec)
+  assert len(lines) == 12 and lines[0] != lines[1]
+  assert all(lines[i] == lines[i % 2] for i in range(12)) and all(1 <= len(w) <= 4 for w in lines)
+  with pytest.raises(ValueError, match="PageSpec.blocks"):
+    pages.PageSpec(blocks=("run", "spiral"))
+  with pytest.raises(ValueError, match="PageSpec.blocks"):
+    pages.PageSpec(blocks=())

@@ -13,6 +13,7 @@ Blocks a page is built from (each is what real documents have and what OCR model
   table        rows with the same column pattern ("ash 3 3", as word columns that repeat)
   repeat       the same line two or more times
   prefix       items sharing a two-word prefix ("rye gem jam", "rye gem cob")
+  alternate    two lines taking turns ("oak fig", "ash bay", "oak fig", ...), `repeat_times` lines
 Harder splits use longer runs and more repeated lines than the SFT split (see `SPLITS`).
 """
 
@@ -28,6 +29,7 @@ from PIL import Image
 from jaxdpo.demo import script
 
 BLOCKS = ("run", "list", "table", "repeat", "prefix", "plain")
+ALL_BLOCKS = BLOCKS + ("alternate",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,8 @@ class PageSpec:
       raise ValueError(f"PageSpec.contrast must be in (0, 1], got {self.contrast}")
     if not 1 <= self.min_lines <= self.max_lines:
       raise ValueError(f"PageSpec: need 1 <= min_lines <= max_lines, got {self.min_lines}, {self.max_lines}")
+    if not self.blocks or set(self.blocks) - set(ALL_BLOCKS):
+      raise ValueError(f"PageSpec.blocks must be a non-empty tuple of {ALL_BLOCKS}, got {self.blocks}")
     if not 0 <= self.line_words <= self.cols or min(self.gaps, self.row_gaps) < 0:
       raise ValueError(f"PageSpec: need 0 <= line_words <= cols and gaps, row_gaps >= 0, got line_words="
                        f"{self.line_words}, cols={self.cols}, gaps={self.gaps}, row_gaps={self.row_gaps}")
@@ -111,6 +115,10 @@ def _block(rng, kind: str, spec: PageSpec, room: int) -> list[list[str]]:
   if kind == "repeat":
     line = _words(rng, rng.randint(2, c + 1))
     return [list(line) for _ in range(min(room, rng.randint(spec.repeat_times[0], spec.repeat_times[1] + 1)))]
+  if kind == "alternate":
+    pair = [_words(rng, rng.randint(1, c + 1)) for _ in range(2)]
+    n = rng.randint(spec.repeat_times[0], spec.repeat_times[1] + 1)
+    return [list(pair[i % 2]) for i in range(min(room, n))]
   if kind == "prefix":
     prefix = _words(rng, 2)
     return [prefix + _words(rng, rng.randint(1, c - 1)) for _ in range(min(room, rng.randint(2, 4)))]
