@@ -12,6 +12,7 @@ import pytest
 
 from _gen_helpers import left_padded_batch, tiny_qwen2_pair
 from jaxdpo.generation import decode as gen
+from jaxdpo.errors import ConfigError
 from jaxdpo.generation import degeneration as deg
 
 NEVER = 10_000  # an id outside the vocabulary: never emitted
@@ -88,10 +89,16 @@ def test_coverage_need_matches_the_float_test():
 
 # ----------------------------------------------------------------------------------------------
 # In the decode loop. A tiny random Qwen2 falls into loops within a few greedy tokens; rows that
-# loop are cut at `degeneration.confirm_run` tokens of loop, the others run as before.
+# loop are cut once the loop covers `degeneration.confirm_run` tokens (`stop_min_run`), the
+# others run as before.
 
 LOOP_CFG = deg.DegenerationConfig(min_period=1, max_period=6, min_repeats=3, tail_window=12, min_tail_coverage=0.5)
 LENGTHS, T, N = (3, 9, 5, 12, 1, 7, 4, 10), 12, 40
+# None = the default (two tail windows: 24 tokens here); 9 = a short confirm length, above the
+# coverage need (6) so that the key, not the coverage, decides. The prompts (two seeds' batches) hold a
+# row that both cut, one that only 9 cuts, and rows neither cuts.
+MIN_RUNS = (None, 9)
+PROMPT_SEEDS = (3, 6)
 
 
 @pytest.fixture(scope="module")
@@ -101,44 +108,90 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_length(model):
-  ids, seg = left_padded_batch(LENGTHS, T, seed=4)
+  batches = [left_padded_batch(LENGTHS, T, seed=s) for s in PROMPT_SEEDS]
+  ids, seg = (np.concatenate([b[i] for b in batches]) for i in (0, 1))
   out = gen.generate(model, {"input_ids": ids, "segment_ids": seg}, max_new_tokens=N, eos_token_id=NEVER,
                      pad_token_id=0)
   return ids, seg, jax.tree.map(np.asarray, out)
 
 
-def _check_cut_rows(full, tokens, num, cut, hit):
-  """Uncut rows equal the full-length run; cut rows are prefixes of it, end in a confirmed loop,
-  and that loop is still there at the limit (so the full-length verdict is degenerate too)."""
-  confirm = deg.confirm_run(LOOP_CFG, N)
+def _rule_allows(tokens, confirm: int) -> bool:
+  """The stopping rule on an output so far: its tail is a loop covering `confirm` tokens, before the limit."""
+  v = deg.detect(tokens, True, LOOP_CFG)
+  return len(tokens) < N and v.loops and len(tokens) - v.loop_start >= confirm
+
+
+def _check_cut_rows(full, tokens, num, cut, hit, min_run):
+  """Uncut rows equal the full-length run and never met the rule; cut rows are prefixes of it, cut
+  at the first prefix that meets the rule. (Whether the loop lasts to the limit is not a property of
+  the rule: a model may leave it; the bench and the demo measure how often.)"""
+  confirm = deg.confirm_run(LOOP_CFG, N, min_run)
+  assert confirm == (2 * LOOP_CFG.tail_window if min_run is None else min_run)
   assert cut.any() and not cut.all(), cut  # the model has both kinds of rows
   for r in range(len(cut)):
+    n = int(num[r]) if cut[r] else N
+    first = next((k for k in range(1, N + 1) if _rule_allows(full.tokens[r, :k], confirm)), None)
+    assert first == (n if cut[r] else None), (r, first, n)  # cut exactly at the first point the rule allows
     if not cut[r]:
       np.testing.assert_array_equal(tokens[r], full.tokens[r])
       assert num[r] == full.num_generated[r] and hit[r] == full.hit_limit[r]
       continue
-    n = int(num[r])
     assert n < N and not hit[r]
     np.testing.assert_array_equal(tokens[r, :n], full.tokens[r, :n])
     assert (tokens[r, n:] == 0).all()
-    v = deg.detect(tokens[r, :n], True, LOOP_CFG)
-    assert v.loops and n - v.loop_start >= confirm
-    assert not deg.detect(tokens[r, :n - 1], True, LOOP_CFG).loops or \
-        (n - 1) - deg.detect(tokens[r, :n - 1], True, LOOP_CFG).loop_start < confirm  # cut at the first chance
-    assert deg.detect(full.tokens[r], True, LOOP_CFG).is_degenerate
 
 
-def test_static_batch_cuts_looping_rows_only(model, full_length):
+@pytest.mark.parametrize("min_run", MIN_RUNS)
+def test_static_batch_cuts_looping_rows_only(model, full_length, min_run):
   ids, seg, full = full_length
   out = jax.tree.map(np.asarray, gen.generate(model, {"input_ids": ids, "segment_ids": seg}, max_new_tokens=N,
-                                              eos_token_id=NEVER, pad_token_id=0, stop_on_loop=LOOP_CFG))
+                                              eos_token_id=NEVER, pad_token_id=0, stop_on_loop=LOOP_CFG,
+                                              stop_min_run=min_run))
   assert not full.stopped_on_loop.any()
-  _check_cut_rows(full, out.tokens, out.num_generated, out.stopped_on_loop, out.hit_limit)
+  _check_cut_rows(full, out.tokens, out.num_generated, out.stopped_on_loop, out.hit_limit, min_run)
 
 
-def test_refill_cuts_looping_rows_only(model, full_length):
+@pytest.mark.parametrize("min_run", MIN_RUNS)
+def test_refill_cuts_looping_rows_only(model, full_length, min_run):
   ids, seg, full = full_length
-  out = gen.generate_refill(model, len(LENGTHS), lambda j: {"input_ids": ids[j], "segment_ids": seg[j]},
+  out = gen.generate_refill(model, len(ids), lambda j: {"input_ids": ids[j], "segment_ids": seg[j]},
                             batch_size=3, prompt_length=T, max_new_tokens=N, eos_token_id=NEVER, pad_token_id=0,
-                            stop_on_loop=LOOP_CFG, refill_rows=1)
-  _check_cut_rows(full, out.tokens, out.num_generated, out.stopped_on_loop, out.hit_limit)
+                            stop_on_loop=LOOP_CFG, stop_min_run=min_run, refill_rows=1)
+  _check_cut_rows(full, out.tokens, out.num_generated, out.stopped_on_loop, out.hit_limit, min_run)
+
+
+def test_min_run_at_the_limit_cuts_nothing(model, full_length):
+  """A confirm length that is not below max_new_tokens leaves the full-length run as it is."""
+  ids, seg, full = full_length
+  out = jax.tree.map(np.asarray, gen.generate(model, {"input_ids": ids, "segment_ids": seg}, max_new_tokens=N,
+                                              eos_token_id=NEVER, pad_token_id=0, stop_on_loop=LOOP_CFG,
+                                              stop_min_run=N))
+  assert not out.stopped_on_loop.any()
+  np.testing.assert_array_equal(out.tokens, full.tokens)
+
+
+def test_confirm_run_follows_the_key():
+  assert deg.default_min_run(LOOP_CFG, N) == 24 and deg.default_min_run(LOOP_CFG, 10) == 20
+  assert deg.confirm_run(LOOP_CFG, N, 2) == 6  # never below the full-length coverage of the window
+  assert deg.confirm_run(LOOP_CFG, N, 30) == 30
+  with pytest.raises(ConfigError, match="generate.stop_on_loop_min_run"):
+    deg.confirm_run(LOOP_CFG, N, 0)
+
+
+def test_stop_on_loop_min_run_key_is_validated(caplog):
+  from jaxdpo.jobs import common, defaults
+  c = defaults.base()
+  c.generate.stop_on_loop = True
+  c.generate.max_new_tokens = 64
+  c.degeneration.tail_window = 16
+  assert common.decoding_options(c).stop_min_run is None  # 0 = the default rule
+  c.generate.stop_on_loop_min_run = 40
+  assert common.decoding_options(c).stop_min_run == 40
+  for bad in (-1, -64):  # (the ConfigDict refuses non-ints itself)
+    c.generate.stop_on_loop_min_run = bad
+    with pytest.raises(ConfigError, match="generate.stop_on_loop_min_run"):
+      common.decoding_options(c)
+  c.generate.stop_on_loop_min_run = 64
+  with caplog.at_level("WARNING", logger="jaxdpo"):
+    common.decoding_options(c)
+  assert "no row will be cut short" in caplog.text

@@ -294,6 +294,9 @@ def main(argv=None) -> int:
                   help="memory and time estimates of every full-scale pipeline stage (jaxdpo.cli.bench_stages)")
   ap.add_argument("--families", default="nanonets_ocr2_3b,qwen2_5_vl_3b,gemma3_4b", help="--stages: models")
   ap.add_argument("--json", action="store_true", help="--stages: one JSON line per row instead of the table")
+  ap.add_argument("--stop-min-run", type=int, default=0,
+                  help="--generate: generate.stop_on_loop_min_run, tokens a loop must cover before its row is cut "
+                       "(0 = the default, two tail windows)")
   args = ap.parse_args(argv)
   if args.stages:
     from jaxdpo.cli import bench_stages

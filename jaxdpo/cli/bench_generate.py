@@ -11,7 +11,8 @@ Workload (`--prompts` P, `--batch` B, `--max-new-tokens` N, `--loop-share` L, de
     rest stopping prompts, shuffled. So "looping prompts" are prompts on which this model really
     loops to the limit, as degenerate OCR pages do on a real model.
   * Modes: `static` (today's batches of B, each waiting for its slowest row), `refill`, and
-    `refill+stop_on_loop`; `hf_generate` runs transformers' greedy `generate` on the same
+    `refill+stop_on_loop` (cut once the loop covers `--stop-min-run` tokens, default
+    `degeneration.default_min_run`: two tail windows); `hf_generate` runs transformers' greedy `generate` on the same
     left-padded batches of B (CPU, torch). Each jaxdpo mode runs once to compile, then timed.
 
 Prints one JSON line per mode (prompts/s, generated tokens/s, wall seconds, and whether its
@@ -71,10 +72,10 @@ def _static(model, ids, seg, b, n, eos, stop=None):
   return np.concatenate(toks), np.concatenate(nums)
 
 
-def _refill(model, ids, seg, b, n, eos, stop=None):
+def _refill(model, ids, seg, b, n, eos, stop=None, min_run=None):
   out = decode.generate_refill(model, len(ids), lambda j: {"input_ids": ids[j], "segment_ids": seg[j]}, batch_size=b,
                                prompt_length=ids.shape[1], max_new_tokens=n, eos_token_id=eos, pad_token_id=0,
-                               stop_on_loop=stop)
+                               stop_on_loop=stop, stop_min_run=min_run)
   return out.tokens, out.num_generated
 
 
@@ -120,15 +121,18 @@ def build_workload(model, *, prompts: int, prompt_len: int, max_new: int, loop_s
 
 
 def run(*, prompts: int = 64, batch: int = 8, prompt_len: int = 16, max_new: int = 256, loop_share: float = 0.1,
-        tail_window: int = 32, seed: int = 0, hf: bool = True, repeats: int = 1) -> list[dict]:
+        tail_window: int = 32, seed: int = 0, hf: bool = True, repeats: int = 1,
+        stop_min_run: int | None = None) -> list[dict]:
+  """The modes' JSON rows; `stop_min_run` is `generate.stop_on_loop_min_run` (None = its default)."""
   cfg = degeneration.DegenerationConfig(max_period=16, tail_window=tail_window)
+  confirm = degeneration.confirm_run(cfg, max_new, stop_min_run)
   with tempfile.TemporaryDirectory() as tmp:
     hf_model, model = _tiny_hf_qwen2(seed, tmp)
   ids, seg, eos, looping = build_workload(model, prompts=prompts, prompt_len=prompt_len, max_new=max_new,
                                           loop_share=loop_share, cfg=cfg, seed=seed)
   modes = {"static": lambda: _static(model, ids, seg, batch, max_new, eos),
            "refill": lambda: _refill(model, ids, seg, batch, max_new, eos),
-           "refill+stop_on_loop": lambda: _refill(model, ids, seg, batch, max_new, eos, stop=cfg)}
+           "refill+stop_on_loop": lambda: _refill(model, ids, seg, batch, max_new, eos, stop=cfg, min_run=stop_min_run)}
   if hf:
     modes["hf_generate"] = lambda: _hf(hf_model, ids, seg, batch, max_new, eos)
   results, reference = [], None
@@ -153,7 +157,7 @@ def run(*, prompts: int = 64, batch: int = 8, prompt_len: int = 16, max_new: int
       early = [bool(c) or (k == max_new and degeneration.detect(t, True, cfg).is_degenerate)
                for t, k, c in zip(toks, nums, cut)]
       full = [k == max_new and degeneration.detect(t, True, cfg).is_degenerate for t, k in zip(*reference)]
-      extra = {"early_vs_full_agreement": float(np.mean(np.array(early) == np.array(full))),
+      extra = {"stop_min_run": confirm, "early_vs_full_agreement": float(np.mean(np.array(early) == np.array(full))),
                "early_degenerate": int(sum(early)), "full_degenerate": int(sum(full))}
     results.append({"bench": "generate", "mode": name, **extra, "prompts": prompts, "batch": batch, "max_new_tokens": max_new,
                     "looping_prompts": int(looping.sum()), "wall_s": best, "prompts_per_s": prompts / best,
@@ -165,7 +169,7 @@ def run(*, prompts: int = 64, batch: int = 8, prompt_len: int = 16, max_new: int
 
 def main(args) -> int:
   results = run(prompts=args.prompts, batch=args.batch, max_new=args.max_new_tokens, loop_share=args.loop_share,
-                seed=args.seed, hf=not args.no_hf, repeats=args.repeats)
+                seed=args.seed, hf=not args.no_hf, repeats=args.repeats, stop_min_run=args.stop_min_run or None)
   for r in results:
     print(json.dumps(r))
   base = results[0]["prompts_per_s"]

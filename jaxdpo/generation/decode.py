@@ -84,7 +84,8 @@ class GenerationOutput(NamedTuple):
 def generate(model: nnx.Module, inputs: dict, *, max_new_tokens: int, eos_token_id: int | Sequence[int],
              pad_token_id: int, rng: jax.Array | None = None, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, cache_dtype=None, vocab_limit: int | None = None,
-             stop_on_loop: degeneration.DegenerationConfig | None = None) -> GenerationOutput:
+             stop_on_loop: degeneration.DegenerationConfig | None = None,
+             stop_min_run: int | None = None) -> GenerationOutput:
   """Generates up to `max_new_tokens` tokens for each row of a left-padded batch.
 
   Args:
@@ -104,6 +105,8 @@ def generate(model: nnx.Module, inputs: dict, *, max_new_tokens: int, eos_token_
       the model's vocabulary.
     stop_on_loop: the degeneration detector's thresholds to stop rows whose tail is a confirmed
       exact loop (`degeneration.confirm_run`); None = every row runs to EOS or the limit.
+    stop_min_run: tokens the loop must cover before the row is cut (`degeneration.confirm_run`);
+      None = `degeneration.default_min_run`. Only used with `stop_on_loop`.
 
   Returns:
     A `GenerationOutput`.
@@ -128,12 +131,18 @@ def generate(model: nnx.Module, inputs: dict, *, max_new_tokens: int, eos_token_
                        jnp.int32(np.iinfo(np.int32).max if vocab_limit is None else vocab_limit),
                        max_new_tokens=max_new_tokens,
                        greedy=greedy, top_k=int(top_k), use_top_p=top_p < 1.0,
-                       cache_dtype=jnp.dtype(cache_dtype), loop=stop_on_loop)
+                       cache_dtype=jnp.dtype(cache_dtype), loop=stop_on_loop,
+                       confirm=_confirm(stop_on_loop, max_new_tokens, stop_min_run))
 
 
 def compile_count() -> int:
   """Number of generation programs compiled (and cached) so far in this process (both drivers)."""
   return sum(f._cache_size() for f in (_generate_jit, _empty_rows, _refill_rows, _decode_until))  # pylint: disable=protected-access
+
+
+def _confirm(loop, max_new_tokens: int, min_run: int | None) -> int:
+  """The loop length that cuts a row (a static int: 0 without `stop_on_loop`)."""
+  return 0 if loop is None else degeneration.confirm_run(loop, max_new_tokens, min_run)
 
 
 def _eos_array(eos_token_id) -> np.ndarray:
@@ -164,9 +173,9 @@ def _first_float_dtype(state) -> jnp.dtype:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "use_top_p",
-                                             "cache_dtype", "loop"))
+                                             "cache_dtype", "loop", "confirm"))
 def _generate_jit(graphdef, state, inputs, rng, temperature, top_p, eos_ids_E, pad_id, vocab_limit, *,
-                  max_new_tokens, greedy, top_k, use_top_p, cache_dtype, loop):
+                  max_new_tokens, greedy, top_k, use_top_p, cache_dtype, loop, confirm):
   model = nnx.merge(graphdef, state)
   b, t = inputs["input_ids"].shape
   cache = model.init_cache(b, t + max_new_tokens, cache_dtype)
@@ -183,7 +192,7 @@ def _generate_jit(graphdef, state, inputs, rng, temperature, top_p, eos_ids_E, p
   tokens_BN = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
   eos_B = jnp.isin(first_B, eos_ids_E)
   num_B = jnp.ones((b,), jnp.int32)
-  tracker = _LoopTracker(loop, max_new_tokens)
+  tracker = _LoopTracker(loop, max_new_tokens, confirm)
   matches_BP = tracker.init(b)  # one token so far: nothing to match yet
   cut_B = jnp.zeros((b,), bool)
 
@@ -218,16 +227,17 @@ def _mask_vocab(logits_BV, vocab_limit):
 
 class _LoopTracker:
   """`stop_on_loop` inside the decode loop: the in-loop detector of `degeneration` plus the
-  stopping rule (the confirmed loop covers `degeneration.confirm_run` tokens, before the limit).
-  With `cfg=None` it tracks nothing and never stops a row (its state is an empty [B, 0] array)."""
+  stopping rule (the confirmed loop covers `confirm` = `degeneration.confirm_run` tokens, before
+  the limit). With `cfg=None` it tracks nothing and never stops a row (its state is an empty
+  [B, 0] array)."""
 
-  def __init__(self, cfg: degeneration.DegenerationConfig | None, max_new_tokens: int):
+  def __init__(self, cfg: degeneration.DegenerationConfig | None, max_new_tokens: int, confirm: int = 0):
     self.cfg = cfg
     self.max_new_tokens = max_new_tokens
+    self.confirm = confirm
     if cfg is not None:
       self.periods_P = jnp.asarray(degeneration.loop_periods(cfg))
       self.need_W = jnp.asarray(degeneration.coverage_need(cfg))
-      self.confirm = degeneration.confirm_run(cfg, max_new_tokens)
 
   def init(self, b: int):
     return jnp.zeros((b, 0 if self.cfg is None else self.periods_P.shape[0]), jnp.int32)
@@ -298,7 +308,7 @@ def generate_refill(model: nnx.Module, num_prompts: int, make_inputs, *, batch_s
                     max_new_tokens: int, eos_token_id: int | Sequence[int], pad_token_id: int,
                     rng: jax.Array | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                     cache_dtype=None, vocab_limit: int | None = None,
-                    stop_on_loop: degeneration.DegenerationConfig | None = None,
+                    stop_on_loop: degeneration.DegenerationConfig | None = None, stop_min_run: int | None = None,
                     refill_rows: int | None = None, on_finished=None) -> RefillOutput:
   """Generates for `num_prompts` prompts with `batch_size` rows, refilling rows as they finish.
 
@@ -315,7 +325,7 @@ def generate_refill(model: nnx.Module, num_prompts: int, make_inputs, *, batch_s
     batch_size: B, rows decoded together.
     prompt_length: T, the prompts' padded length (fixes the cache: T + max_new_tokens slots).
     max_new_tokens, eos_token_id, pad_token_id, temperature, top_p, top_k, cache_dtype,
-      vocab_limit, stop_on_loop: as in `generate`.
+      vocab_limit, stop_on_loop, stop_min_run: as in `generate`.
     rng: PRNG key; required when sampling.
     refill_rows: R, prompts prefilled per refill (a fixed shape: one compile); default B / 4,
       at least 1. Rows wait until R are free, so a small R keeps rows busy and a large one
@@ -341,6 +351,7 @@ def generate_refill(model: nnx.Module, num_prompts: int, make_inputs, *, batch_s
   graphdef, state = nnx.split(model)
   cache_dtype = jnp.dtype(cache_dtype or _first_float_dtype(state))
   static = dict(max_new_tokens=max_new_tokens)
+  confirm = _confirm(stop_on_loop, max_new_tokens, stop_min_run)
   choice = dict(greedy=greedy, top_k=int(top_k), use_top_p=top_p < 1.0)
   traced = (jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.asarray(_eos_array(eos_token_id)),
             jnp.int32(pad_token_id), jnp.int32(np.iinfo(np.int32).max if vocab_limit is None else vocab_limit))
@@ -382,7 +393,8 @@ def generate_refill(model: nnx.Module, num_prompts: int, make_inputs, *, batch_s
     if not pending and free.size == batch_size:
       break
     want_free = min(r, len(pending)) if pending else batch_size
-    rows = _decode_until(graphdef, state, rows, jnp.int32(want_free), *traced, **static, **choice, loop=stop_on_loop)
+    rows = _decode_until(graphdef, state, rows, jnp.int32(want_free), *traced, **static, **choice, loop=stop_on_loop,
+                         confirm=confirm)
     stats["decode_calls"] += 1
     done, num, eos, cut, steps = jax.device_get((rows["done"], rows["num"], rows["eos"], rows["cut"], rows["steps"]))
     finished = np.flatnonzero(done & (owner >= 0))
@@ -474,12 +486,12 @@ def _refill_rows(graphdef, state, rows, slots_R, inputs, jobs_R, rng, temperatur
   )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "use_top_p", "loop"),
-                   donate_argnames=("rows",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "use_top_p", "loop",
+                                             "confirm"), donate_argnames=("rows",))
 def _decode_until(graphdef, state, rows, want_free, temperature, top_p, eos_ids_E, pad_id, vocab_limit, *,
-                  max_new_tokens, greedy, top_k, use_top_p, loop):
+                  max_new_tokens, greedy, top_k, use_top_p, loop, confirm):
   model = nnx.merge(graphdef, state)
-  tracker = _LoopTracker(loop, max_new_tokens)
+  tracker = _LoopTracker(loop, max_new_tokens, confirm)
   b = rows["num"].shape[0]
 
   def cond(rows):

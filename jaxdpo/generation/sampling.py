@@ -93,11 +93,14 @@ class DecodingOptions:
     stop_on_loop_check: with `stop_on_loop`, also generate every record to full length, so that
       each record carries the study's full-length verdict (`degenerate_full`) next to the early
       one and the eval summary can report how they agree. Costs the full-length run.
+    stop_min_run: with `stop_on_loop`, tokens the loop must cover before the row is cut
+      (`generate.stop_on_loop_min_run`); None = `degeneration.default_min_run` (two tail windows).
   """
 
   refill: bool = True
   stop_on_loop: bool = False
   stop_on_loop_check: bool = False
+  stop_min_run: int | None = None
 
 
 def run_generation(model, tok, items, *, params: SamplingParams, batch_size: int, max_prompt_length: int,
@@ -131,7 +134,7 @@ def run_generation(model, tok, items, *, params: SamplingParams, batch_size: int
     return inputs
 
   kw = dict(params=params, batch_size=batch_size, max_prompt_length=max_prompt_length, seed=seed, desc=desc,
-            progress=progress, tok=tok, pad_id=pad_id, mesh=mesh)
+            progress=progress, tok=tok, pad_id=pad_id, mesh=mesh, min_run=decoding.stop_min_run)
   stop = degen_cfg if decoding.stop_on_loop else None
   # Refill is exact for greedy decoding only; sampled runs keep static batches (and their draws, which
   # the mesh path reproduces on any number of hosts). On more than one device: static (not built yet).
@@ -178,7 +181,7 @@ def _verdict(tokens, hit_limit: bool, stopped_on_loop: bool, cfg) -> degeneratio
 
 
 def _static(model, jobs, make_inputs, *, params, batch_size, max_prompt_length, seed, desc, progress, tok, pad_id,
-            stop, mesh):
+            stop, mesh, min_run):
   """Static batches of `batch_size` jobs (the last padded with copies); each waits for its slowest row."""
   key = jax.random.key(seed)
   results = []
@@ -192,7 +195,7 @@ def _static(model, jobs, make_inputs, *, params, batch_size, max_prompt_length, 
                                    max_new_tokens=params.max_new_tokens, eos_token_id=tok.eos_token_id,
                                    pad_token_id=pad_id, rng=jax.random.fold_in(key, batch_id),
                                    temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                                   vocab_limit=len(tok), stop_on_loop=stop)
+                                   vocab_limit=len(tok), stop_on_loop=stop, stop_min_run=min_run)
     seconds = time.perf_counter() - t0
     for row in range(n):
       ng = int(res.num_generated[row])
@@ -205,7 +208,7 @@ def _static(model, jobs, make_inputs, *, params, batch_size, max_prompt_length, 
 
 
 def _refill(model, jobs, make_inputs, *, params, batch_size, max_prompt_length, seed, desc, progress, tok, pad_id,
-            stop, mesh):
+            stop, mesh, min_run):
   """Row refill over all jobs (`decode.generate_refill`); a job's sample key is fold_in(seed key, job id)."""
   t0 = time.perf_counter()
   bar = tqdm(total=len(jobs), desc=desc, disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
@@ -213,6 +216,7 @@ def _refill(model, jobs, make_inputs, *, params, batch_size, max_prompt_length, 
                                  max_new_tokens=params.max_new_tokens, eos_token_id=tok.eos_token_id,
                                  pad_token_id=pad_id, rng=jax.random.key(seed), temperature=params.temperature,
                                  top_p=params.top_p, top_k=params.top_k, vocab_limit=len(tok), stop_on_loop=stop,
+                                 stop_min_run=min_run,
                                  on_finished=bar.update)
   bar.close()
   log.info("%s: %d jobs in %.1fs with row refill (%s)", desc, len(jobs), time.perf_counter() - t0, res.stats)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
 
 from jaxdpo.data import records
+from jaxdpo.errors import ConfigError
 from jaxdpo.data.vision import adapters
 from jaxdpo.jobs import model_setup, summary
 from jaxdpo.models import decoder, registry
@@ -110,11 +112,30 @@ class _VerdictView:
 
 
 def decoding_options(config):
-  """How generation drives its batch (`generate.refill`, `generate.stop_on_loop`, `generate.stop_on_loop_check`)."""
-  from jaxdpo.generation import sampling
+  """How generation drives its batch (`generate.refill`, `generate.stop_on_loop`, `generate.stop_on_loop_check`,
+  `generate.stop_on_loop_min_run`).
+
+  Raises:
+    ConfigError: naming `generate.stop_on_loop_min_run` when it is not an int >= 0.
+  """
+  from jaxdpo.generation import degeneration, sampling
   g = config.generate
+  min_run = g.get("stop_on_loop_min_run", 0)
+  if isinstance(min_run, bool) or not isinstance(min_run, int) or min_run < 0:
+    raise ConfigError(f"generate.stop_on_loop_min_run must be an int >= 0 (tokens a loop must cover before its row "
+                      f"is cut; 0 = two tail windows), got {min_run!r}")
+  min_run = min_run or None
+  if g.stop_on_loop:
+    confirm = degeneration.confirm_run(degeneration_config(config), g.max_new_tokens, min_run)
+    if confirm >= g.max_new_tokens:
+      # Not an error: the run is then exactly the full-length one, which is what a user asking for the
+      # default on a short budget should get; the warning says why nothing was cut.
+      logging.getLogger("jaxdpo").warning(
+          "generate.stop_on_loop: a loop must cover %d tokens before its row is cut "
+          "(generate.stop_on_loop_min_run, default two degeneration.tail_window), which is not below "
+          "generate.max_new_tokens=%d: no row will be cut short", confirm, g.max_new_tokens)
   return sampling.DecodingOptions(refill=bool(g.refill), stop_on_loop=bool(g.stop_on_loop),
-                                  stop_on_loop_check=bool(g.stop_on_loop_check))
+                                  stop_on_loop_check=bool(g.stop_on_loop_check), stop_min_run=min_run)
 
 
 def prompt_config(config):

@@ -111,6 +111,10 @@ def base() -> ml_collections.ConfigDict:
                                      # as degenerate_early; off = the study's full-length definition
   c.generate.stop_on_loop_check = False  # with stop_on_loop: also run every record to full length, and report how
                                      # the early and full-length verdicts agree (eval_summary early_stop)
+  c.generate.stop_on_loop_min_run = 0  # with stop_on_loop: tokens the loop must cover before its row is cut; 0 =
+                                     # 2 * min(degeneration.tail_window, max_new_tokens) (two windows: loops a
+                                     # model leaves, and lines that really repeat, keep decoding); a value not
+                                     # below max_new_tokens never cuts (degeneration.default_min_run)
 
   c.degeneration = ml_collections.ConfigDict()  # see jaxdpo.generation.degeneration.DegenerationConfig
   c.degeneration.min_period = 1
