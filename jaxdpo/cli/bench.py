@@ -139,9 +139,25 @@ def model_flops_per_token(n_params: int, n_embed: int, cfg, seq: int) -> float:
 
 
 TINY = ("tiny", "ocr-tiny")
-# Full remat: the bench's 8 pairs of 1k-2k tokens keep 49-118 GB of activations without it (issue 17),
-# over the 80 GB goal; full recompute keeps one [T, D] input per layer.
-DEFAULT_REMAT = "full"
+GRAD_DTYPES = ("param", "compute")
+# Micro-batches of the full-size workloads (`--grad-accum 0` = this): one pair per micro-batch, so a remat policy that
+# keeps every projection output (no matmul recomputed) holds one pair's activations, not eight (BUILD_NOTES "Fast step").
+DEFAULT_GRAD_ACCUM = 8
+# Gradients of the compute-dtype copy: same values, and micro-batch gradients leave the backward in bf16 (summed in fp32).
+DEFAULT_GRAD_DTYPE = "compute"
+
+
+def grad_accum_for(workload: str, batch: int, grad_accum: int) -> int:
+  """`--grad-accum`: 0 picks DEFAULT_GRAD_ACCUM for the full-size workloads when it divides the batch, else 1."""
+  if grad_accum:
+    return grad_accum
+  return DEFAULT_GRAD_ACCUM if workload not in TINY and batch % DEFAULT_GRAD_ACCUM == 0 else 1
+# Keep every projection output, recompute only norms, activations and the attention core: no matmul is computed
+# twice (`full` adds one forward of every block, work_ratio 0.905 -> 0.789 on uniform-1k), and with one pair per
+# micro-batch (DEFAULT_GRAD_ACCUM) the kept outputs are one pair's (BUILD_NOTES "Fast step": the figures).
+DEFAULT_REMAT = "dots_no_batch"
+# bf16 first moments (optim.mu_dtype): 5.7 GiB less state for Qwen2.5-3B.
+DEFAULT_MU_DTYPE = "bfloat16"
 
 
 def block_plan(workload: str, remat_policy: str, scan_layers: str) -> decoder.BlockPlan:
@@ -156,6 +172,14 @@ def completion_window(w: Workload) -> int:
   return logprobs.window_for(max(w.chosen[1], w.rejected[1]), w.prompt[1] + max(w.chosen[1], w.rejected[1]))
 
 
+def grad_dtype_of(name: str, compute_dtype):
+  """`--grad-dtype`: "param" differentiates the fp32 params (gradients in their dtype), "compute" their
+  compute-dtype copy (`update.make_train_step(grad_dtype=...)`)."""
+  if name not in GRAD_DTYPES:
+    raise ValueError(f"grad dtype {name!r}; expected one of {GRAD_DTYPES}")
+  return None if name == "param" else jnp.dtype(compute_dtype)
+
+
 def optim_config(mu_dtype: str = "") -> ConfigDict:
   """The bench's AdamW settings (constant lr, clipping at 1, as the peer)."""
   return ConfigDict(dict(lr=1e-6, schedule="constant", warmup_steps=0, end_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
@@ -164,7 +188,8 @@ def optim_config(mu_dtype: str = "") -> ConfigDict:
 
 def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, param_dtype: str,
         compute_dtype: str, chunk: int, peak_tflops: float, blocks: decoder.BlockPlan = decoder.BlockPlan(),
-        mu_dtype: str = "", layout: str = "shared") -> dict:
+        mu_dtype: str = "", layout: str = "shared", grad_accum: int = 1, grad_dtype: str = "param",
+        ref_stacked: bool = False) -> dict:
   w = WORKLOADS[workload]()
   fam = registry.get_family(w.family)
   cfg = w.model
@@ -180,17 +205,22 @@ def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, p
   n_embed = cfg.vocab_size * cfg.hidden_size
   tx, schedule = optim.make_optimizer(optim_config(mu_dtype), steps + warmup)
   scfg = step_lib.StepConfig(loss=losses.DPOLossConfig(beta=0.1), compute_dtype=cdt, logprob_chunk=chunk,
-                             blocks=blocks, completion_window=completion_window(w))
+                             blocks=blocks, completion_window=completion_window(w), grad_accum=grad_accum)
   state = {"step": train.scalar_state(0, mesh), "params": params, "opt_state": train.init_opt_state(tx, params, mesh)}
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   batches = synthetic_batches(w, batch, steps + warmup, cfg.vocab_size, layout=layout)
   ref, precompute = None, {}
   if reference == "model":  # held in the compute dtype, cast once here, as the DPO job holds it
     ref = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cdt), p), out_shardings=p_sh)(params)
+  ref_sh = None if ref is None else p_sh
+  if ref is not None and ref_stacked and blocks.scan:  # its scanned layers stacked once, here (decoder.StackedParams)
+    ref = jax.jit(lambda r: decoder.stack_params(graphdef, r), out_shardings=shd.replicated(mesh))(ref)
+    ref_sh = jax.tree.map(lambda _: shd.replicated(mesh), ref)
   else:  # cached: reference log-probs computed beforehand, timed on their own, outside the step's loop
     batches, precompute = _precompute(graphdef, scfg, params, batches, mesh, warmup)
   step_fn = update.make_train_step(step_lib.objective(graphdef, scfg), tx, mesh, state_sh,
-                                   None if ref is None else p_sh, schedule, grad_accum=scfg.grad_accum)
+                                   ref_sh, schedule, grad_accum=scfg.grad_accum,
+                                   grad_dtype=grad_dtype_of(grad_dtype, cdt))
   times, first_step_s = [], None
   for i, (b, _) in enumerate(batches):
     b = shd.put_batch(b, mesh)
@@ -213,7 +243,9 @@ def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, p
           "steps_timed": len(times), "first_step_s": first_step_s, "pairs_per_s": batch / sec, "tokens_per_s": useful / sec,
           "mfu_vs_peak": flops / sec / (peak_tflops * 1e12),
           "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None, "loss": float(metrics["loss"]),
-          "completion_window": scfg.completion_window, "mu_dtype": mu_dtype or param_dtype, **precompute}
+          "completion_window": scfg.completion_window, "mu_dtype": mu_dtype or param_dtype,
+          "grad_accum": grad_accum, "grad_dtype": grad_dtype, "ref_stacked": bool(ref_stacked and blocks.scan and ref is not None),
+          **precompute}
 
 
 def _precompute(graphdef, scfg, params, batches, mesh, warmup: int):
@@ -265,7 +297,17 @@ def main(argv=None) -> int:
                   help="decoder-block remat policy (train.remat); see jaxdpo.models.remat")
   ap.add_argument("--scan-layers", choices=("auto", "on", "off"), default="auto",
                   help="scan over the decoder layers (train.scan_layers); auto: on except for the tiny workloads")
-  ap.add_argument("--mu-dtype", default="", help="AdamW first-moment dtype (optim.mu_dtype); '' = the param dtype")
+  ap.add_argument("--grad-accum", type=int, default=0,
+                  help="micro-batches per optimizer step (train.grad_accum); the batch of pairs stays --batch; "
+                       f"0: {DEFAULT_GRAD_ACCUM} for the full-size workloads, 1 for the tiny ones")
+  ap.add_argument("--grad-dtype", choices=GRAD_DTYPES, default=DEFAULT_GRAD_DTYPE,
+                  help="param: differentiate the fp32 params; compute: their compute-dtype copy (gradients leave the "
+                       "backward in bf16, micro-batch sums in fp32; the same values, see update.make_train_step)")
+  ap.add_argument("--ref-stacked", choices=("on", "off"), default="off",
+                  help="with the layer scan, hold the live reference's scanned layers stacked once at load "
+                       "(decoder.StackedParams) instead of stacking them in every step")
+  ap.add_argument("--mu-dtype", default=DEFAULT_MU_DTYPE,
+                  help="AdamW first-moment dtype (optim.mu_dtype); '' = the param dtype")
   ap.add_argument("--layout", choices=shared_rows.LAYOUTS, default="shared",
                   help="pair layout: shared = one row [prompt | chosen | rejected] per pair (the prompt computed "
                        "once); pairs = two rows per pair")
@@ -316,19 +358,23 @@ def main(argv=None) -> int:
         extra_args=("--param-dtype", args.param_dtype, "--compute-dtype", args.compute_dtype,
                     "--logprob-chunk", str(args.logprob_chunk), "--peak-tflops", str(args.peak_tflops),
                     "--remat", args.remat, "--scan-layers", args.scan_layers, "--mu-dtype", args.mu_dtype,
-                    "--layout", args.layout)))
+                    "--layout", args.layout, "--grad-accum", str(args.grad_accum), "--grad-dtype", args.grad_dtype,
+                    "--ref-stacked", args.ref_stacked)))
     return 0
   blocks = block_plan(args.workload, args.remat, args.scan_layers)
+  args.grad_accum = grad_accum_for(args.workload, args.batch, args.grad_accum)
   if args.analyze:
     from jaxdpo.cli import bench_analyze
     print(json.dumps(bench_analyze.analyze(args.workload, batch=args.batch, reference=args.reference,
                                            param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
                                            chunk=args.logprob_chunk, blocks=blocks, mu_dtype=args.mu_dtype,
-                                           layout=args.layout)))
+                                           layout=args.layout, grad_accum=args.grad_accum,
+                                           grad_dtype=args.grad_dtype, ref_stacked=args.ref_stacked == "on")))
     return 0
   result = run(args.workload, steps=args.steps, warmup=args.warmup, batch=args.batch, reference=args.reference,
                param_dtype=args.param_dtype, compute_dtype=args.compute_dtype, chunk=args.logprob_chunk,
-               peak_tflops=args.peak_tflops, blocks=blocks, mu_dtype=args.mu_dtype, layout=args.layout)
+               peak_tflops=args.peak_tflops, blocks=blocks, mu_dtype=args.mu_dtype, layout=args.layout,
+               grad_accum=args.grad_accum, grad_dtype=args.grad_dtype, ref_stacked=args.ref_stacked == "on")
   peer = _peer(args, args.workload)
   if peer:
     result["peer"] = peer.get("peer")

@@ -70,7 +70,8 @@ def _abstract_state(abstract_params, tx, mesh):
 
 def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, compute_dtype: str, chunk: int,
             compile: bool = True, blocks: decoder.BlockPlan = decoder.BlockPlan(), count_flops: bool = True,
-            mu_dtype: str = "", layout: str = "shared") -> dict:
+            mu_dtype: str = "", layout: str = "shared", grad_accum: int = 1, grad_dtype: str = "param",
+            ref_stacked: bool = False) -> dict:
   """Compiles the full-size step from shapes and returns the fields in the module docstring.
 
   With `compile=False` only the FLOP count is made (lowering only; no memory plan, no compile_s);
@@ -90,16 +91,22 @@ def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, comp
   ref = None
   if reference == "model":  # held in the compute dtype, as the bench holds it
     ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cdt, sharding=x.sharding), state["params"])
+  ref_sh = None if ref is None else p_sh
+  if ref is not None and ref_stacked and blocks.scan:  # stacked once at load (`decoder.StackedParams`)
+    ref = jax.eval_shape(lambda r: decoder.stack_params(graphdef, r), ref)
+    ref_sh = jax.tree.map(lambda _: shd.replicated(mesh), ref)
+    ref = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), ref, ref_sh)
   sample = bench.synthetic_batches(w, 1, 1, cfg.vocab_size, layout=layout)[0][0]
   if reference == "cached":
     sample["ref_logps"] = np.zeros((1, 2), np.float32)
   batch_sds = memory.abstract_batch(sample, batch, mesh)
   scfg = step_lib.StepConfig(loss=losses.DPOLossConfig(beta=0.1), compute_dtype=cdt, logprob_chunk=chunk,
-                             blocks=blocks, completion_window=bench.completion_window(w))
+                             blocks=blocks, completion_window=bench.completion_window(w), grad_accum=grad_accum)
 
   def lowered(cfg_):
     step_fn = update.make_train_step(step_lib.objective(graphdef, cfg_), tx, mesh, state_sh,
-                                     None if ref is None else p_sh, schedule, grad_accum=cfg_.grad_accum)
+                                     ref_sh, schedule, grad_accum=cfg_.grad_accum,
+                                     grad_dtype=bench.grad_dtype_of(grad_dtype, cdt))
     return step_fn.lower(state, ref, batch_sds)
 
   plan = {}
@@ -120,7 +127,10 @@ def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, comp
   useful = useful_flops(w, batch=batch, reference=reference, n_params=n_params)
   work = {}
   if count_flops:
-    counted = lowered(dataclasses.replace(scfg, logprob_unroll=True, blocks=dataclasses.replace(blocks, unroll=True)))
+    # Counted in one micro-batch: micro-batches split the rows, so the matmuls (and FLOPs) are the same, and
+    # the accumulation loop would otherwise be counted once (XLA counts a loop body once).
+    counted = lowered(dataclasses.replace(scfg, logprob_unroll=True, blocks=dataclasses.replace(blocks, unroll=True),
+                                          grad_accum=1))
     xla_flops = float(counted.cost_analysis()["flops"])
     work = {"xla_flops": xla_flops, "work_ratio": xla_flops / useful,
             "loops_in_count": counted.as_text().count("stablehlo.while")}
@@ -130,4 +140,6 @@ def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, comp
                        "compute_dtype": compute_dtype, "logprob_chunk": chunk, "attention_impl": impl, "layout": layout,
                        "remat": blocks.remat, "scan_layers": blocks.scan,
                        "completion_window": scfg.completion_window, "mu_dtype": mu_dtype or param_dtype,
+                       "grad_accum": grad_accum, "grad_dtype": grad_dtype,
+                       "ref_stacked": bool(ref_stacked and blocks.scan and reference == "model"),
                        "devices": mesh.size, "backend": jax.default_backend()}}

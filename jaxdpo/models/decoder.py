@@ -62,6 +62,83 @@ def current_plan() -> BlockPlan:
   return _PLAN.get()
 
 
+# Stacked layer states given from outside the forward (`StackedParams`): segment start -> per-offset stacks.
+_PRESTACKED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prestacked", default=None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StackedParams:
+  """Parameters whose scanned decoder layers are held stacked, as the layer scan reads them.
+
+  The layer scan (`BlockPlan.scan`) stacks the per-layer states of each run of equal blocks inside
+  the traced step, a copy of those layers on every forward. Parameters that never change (the
+  frozen DPO reference) can be stacked once, outside the step (`stack_params`); a forward on them
+  (`full()` merged into the model, inside `prestacked(stacks)`) then scans the given stacks and
+  copies nothing. The per-layer leaves `full()` rebuilds are slices of the stacks, read only
+  where something else needs them (e.g. `dpo_step.params_identical`).
+
+  Attributes:
+    rest: the pure-dict params without the stacked layers' entries.
+    stacks: segment start -> one stacked pure dict per offset of the segment's period.
+    prefix: (static) the path of the decoder's `layers` list in the pure dict.
+    segments: (static) the `scan_segments` entries (start, groups, period) that are stacked.
+  """
+
+  rest: dict
+  stacks: dict
+  prefix: tuple = dataclasses.field(metadata=dict(static=True))
+  segments: tuple = dataclasses.field(metadata=dict(static=True))
+
+  def full(self) -> dict:
+    """The usual per-layer pure dict (the stacked layers as slices of their stacks)."""
+    out = jax.tree.map(lambda x: x, self.rest)  # a new dict tree; leaves shared
+    layers = _at(out, self.prefix)
+    for start, n_groups, period in self.segments:
+      for j in range(period):
+        for g in range(n_groups):
+          layers[start + g * period + j] = jax.tree.map(lambda x, g=g: x[g], self.stacks[start][j])
+    return out
+
+
+def _at(tree: dict, path: tuple):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def stack_params(graphdef, params: dict) -> StackedParams:
+  """`params` (pure dict) with the layers of every scan segment of its decoder stacked (see
+  `StackedParams`); jit it to stack on device. The model must hold exactly one `DecoderStack`."""
+  model = nnx.merge(graphdef, params)
+  found = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, DecoderStack)]
+  if len(found) != 1:
+    raise ValueError(f"stack_params: expected one DecoderStack in the model, found {len(found)}")
+  path, stack = found[0]
+  prefix = tuple(path) + ("layers",)
+  rest = jax.tree.map(lambda x: x, params)
+  layers = _at(rest, prefix)
+  blocks, stacks, segments, start = list(stack.layers), {}, [], 0
+  for n_groups, period in scan_segments(blocks):
+    if n_groups > 1:
+      stacks[start] = [_stack([layers[start + g * period + j] for g in range(n_groups)]) for j in range(period)]
+      segments.append((start, n_groups, period))
+      for i in range(start, start + n_groups * period):
+        del layers[i]
+    start += n_groups * period
+  return StackedParams(rest=rest, stacks=stacks, prefix=prefix, segments=tuple(segments))
+
+
+@contextlib.contextmanager
+def prestacked(params: StackedParams) -> Iterator[None]:
+  """Runs the enclosed forward passes' layer scans on `params.stacks` instead of stacking."""
+  token = _PRESTACKED.set(params.stacks)
+  try:
+    yield
+  finally:
+    _PRESTACKED.reset(token)
+
+
 class DecoderStack(nnx.Module):
   """Embedding, blocks, final norm and LM head of a causal decoder.
 
@@ -136,7 +213,9 @@ class DecoderStack(nnx.Module):
             x_BTD = _run_block(blocks[0], x_BTD, block_inputs(blocks[0]), plan.remat, prevent_cse=True)
         else:
           with jax.named_scope(f"blocks_{start}_{start + len(blocks) - 1}_scan"):
-            x_BTD = _scan_blocks(blocks, period, x_BTD, block_inputs, plan)
+            given = _PRESTACKED.get()
+            x_BTD = _scan_blocks(blocks, period, x_BTD, block_inputs, plan,
+                                 None if given is None else given[start])
         start += len(blocks)
     with jax.named_scope("final_norm"):
       return self.norm(x_BTD), new_cache
@@ -178,22 +257,25 @@ def _run_block(block, x_BTD, inputs: tuple, policy_name: str, *, prevent_cse: bo
   return layers.constrain_batch(run(state, x_BTD, *inputs))
 
 
-def _scan_blocks(blocks, period: int, x_BTD, block_inputs, plan: BlockPlan):
+def _scan_blocks(blocks, period: int, x_BTD, block_inputs, plan: BlockPlan, given=None):
   """x after `blocks` (len(blocks) / period groups of `period` blocks, equal kinds at equal offsets)
   run as one `jax.lax.scan` over the groups.
 
   The parameters stay stored per layer (checkpoints and converters see one subtree per layer); they
   are stacked here, inside the traced step, into one [groups, ...] array per offset and leaf. Each
   iteration merges offset j's slice back into a block and runs it with the inputs of the first
-  group's block j (same kind, so the same rotary tables and mask).
+  group's block j (same kind, so the same rotary tables and mask). `given`: the per-offset stacks
+  already made (`StackedParams`), used instead of stacking here.
   """
   n_groups = len(blocks) // period
   graphdefs, inputs, stacked = [], [], []
   for j in range(period):
-    states = [nnx.split(blocks[g * period + j])[1] for g in range(n_groups)]
     graphdefs.append(nnx.graphdef(blocks[j]))
     inputs.append(block_inputs(blocks[j]))
-    stacked.append(_stack(states))
+    if given is None:
+      stacked.append(_stack([nnx.split(blocks[g * period + j])[1] for g in range(n_groups)]))
+    else:
+      stacked.append(given[j])
 
   def group(x_BTD, states):
     for j in range(period):

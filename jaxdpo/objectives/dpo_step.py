@@ -71,6 +71,11 @@ def pair_logps(graphdef, params, batch, cfg: StepConfig):
   (`score_index` present) is scored by `shared_step.pair_logps` (per-token arrays [B, 2, K]); a
   packed one (`pair_valid` present) by `packed_step.pair_logps` (arrays over its R * M pair slots).
   """
+  if isinstance(params, decoder.StackedParams):  # layers stacked once outside the step (the frozen reference)
+    cast = lambda tree: jax.tree.map(lambda p: p.astype(cfg.compute_dtype), tree)
+    stacked = dataclasses.replace(params, stacks=cast(params.stacks))
+    with decoder.prestacked(stacked):
+      return pair_logps(graphdef, params.full(), batch, cfg)
   if packed_step.is_packed(batch) or is_shared(batch):
     with decoder.planned(cfg.blocks):  # the blocks' remat / scan plan, as below
       layout = packed_step if packed_step.is_packed(batch) else shared_step
@@ -133,6 +138,8 @@ def loss_terms(params, ref_params, batch, graphdef, cfg: StepConfig, n_pairs, n_
     ref = jax.lax.stop_gradient(ref)
     # The reference is held in the compute dtype (`jobs.dpo.reference_copy`): compare what the step reads.
     cast = lambda tree: jax.tree.map(lambda p: p.astype(cfg.compute_dtype), tree)
+    if isinstance(ref_params, decoder.StackedParams):
+      ref_params = ref_params.full()
     same = params_identical(cast(params), cast(ref_params))
     ref = jnp.where(same, jax.lax.stop_gradient(seq), ref)
   pl, ratio_c, ratio_r = losses.pair_losses(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],

@@ -88,22 +88,35 @@ def with_mesh(jitted, mesh):
   return call
 
 
-def accumulated(objective: Callable, params, ref, batch: dict, grad_accum: int, *, with_grad: bool):
+def accumulated(objective: Callable, params, ref, batch: dict, grad_accum: int, *, with_grad: bool, acc_dtypes=None):
   """(metrics, grads or None) of `objective` over the whole batch, in `grad_accum` micro-batches."""
   terms, finish = objective(ref, batch)
-  (loss, sums), grads = accumulate_lib.accumulate(terms, params, batch, grad_accum, with_grad=with_grad)
+  (loss, sums), grads = accumulate_lib.accumulate(terms, params, batch, grad_accum, with_grad=with_grad,
+                                                  acc_dtypes=acc_dtypes)
   return finish(loss, sums), grads
+
+
+def compute_copy(params, dtype):
+  """The floating leaves of `params` cast to `dtype` (the others as they are)."""
+  return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
 def make_train_step(objective: Callable, tx: optax.GradientTransformation, mesh, state_shardings, ref_shardings,
                     schedule: Callable | None = None, *, grad_accum: int = 1, debug_nonfinite_step: int = -1,
-                    trainable_mask=None):
+                    trainable_mask=None, grad_dtype=None):
   """Jitted `step(state, ref, batch) -> (state, metrics)` for `objective`; `state` is donated.
 
   `state` is {"step": int32 [], "params": pure dict, "opt_state": optax state of the trainable
   params}. With `trainable_mask`, the objective is differentiated with respect to the trainable
   params only: the frozen ones enter as constants (`stop_gradient`), so no gradient is computed
   for them.
+
+  With `grad_dtype` (the compute dtype), the objective is differentiated with respect to the
+  params cast to it once, so each gradient leaves the backward pass in that dtype and is cast
+  back to its parameter's dtype leaf by leaf as the optimizer reads it; micro-batch gradients are
+  summed in the parameters' dtype. The objective casts the params to the compute dtype anyway,
+  so the gradients are the same values (bit for bit in fp32, where the cast is the identity); what
+  changes is that no gradient tree wider than the compute dtype has to exist before the optimizer.
   """
   def grad_fn(trainable, frozen, ref, batch):
     obj = objective
@@ -113,7 +126,11 @@ def make_train_step(objective: Callable, tx: optax.GradientTransformation, mesh,
       def obj(ref, batch):
         terms, finish = objective(ref, batch)
         return (lambda t, mb: terms(trainable_lib.merge(t, frozen), mb)), finish
-    return accumulated(obj, trainable, ref, batch, grad_accum, with_grad=True)
+    if grad_dtype is None:
+      return accumulated(obj, trainable, ref, batch, grad_accum, with_grad=True)
+    metrics, grads = accumulated(obj, compute_copy(trainable, grad_dtype), ref, batch, grad_accum, with_grad=True,
+                                 acc_dtypes=jax.tree.map(lambda p: p.dtype, trainable))
+    return metrics, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
 
   return make_update_step(grad_fn, tx, mesh, state_shardings, ref_shardings, schedule,
                           debug_nonfinite_step=debug_nonfinite_step, trainable_mask=trainable_mask)
