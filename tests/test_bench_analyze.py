@@ -42,7 +42,9 @@ def test_analyze_fields_are_consistent(capsys):
   assert out["settings"]["layout"] == "shared"
   assert 0.6 < out["work_ratio"] < 1.0
   gb = out["planned_gb"]
-  assert gb["params"] > 0 and gb["opt_state"] >= 2 * gb["params"] and gb["reference"] == gb["params"]
+  moments = 1.5 if out["settings"]["mu_dtype"] == "bfloat16" else 2  # the bench's default mu is bf16 (mu + nu)
+  assert out["settings"]["mu_dtype"] == bench.DEFAULT_MU_DTYPE
+  assert gb["params"] > 0 and gb["opt_state"] >= moments * gb["params"] and gb["reference"] == gb["params"]
   assert out["planned_peak_gb"] >= gb["params"] + gb["opt_state"] + gb["reference"]
   assert out["compile_s"] > 0 and out["compile_cpu_s"] > 0 and out["settings"]["batch"] == 2 and out["settings"]["reference"] == "model"
 

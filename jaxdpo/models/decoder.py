@@ -214,8 +214,10 @@ class DecoderStack(nnx.Module):
         else:
           with jax.named_scope(f"blocks_{start}_{start + len(blocks) - 1}_scan"):
             given = _PRESTACKED.get()
-            x_BTD = _scan_blocks(blocks, period, x_BTD, block_inputs, plan,
-                                 None if given is None else given[start])
+            if given is None:
+              x_BTD = _scan_blocks(blocks, period, x_BTD, block_inputs, plan)
+            else:
+              x_BTD = _scan_blocks(blocks, period, x_BTD, block_inputs, plan, given[start])
         start += len(blocks)
     with jax.named_scope("final_norm"):
       return self.norm(x_BTD), new_cache
