@@ -21,7 +21,7 @@ in transformers; padding patches are never read.
   vision_row    optional int [B] (with 3D pixel_values): text row b takes its image tokens, in
                 order, from vision row vision_row[b] instead; rows sharing images (a DPO
                 pair) share a vision row, so the vision tower runs once for both.
-  vision_group  optional int [B] (with 3D pixel_values, instead of `vision_row`): the text rows come
+  vision_group  optional int [B] (instead of `vision_row`; 3D or 4D pixel_values): the text rows come
                 in R consecutive groups of B / R rows (a DPO pair's chosen and rejected; one row
                 per record in the shared and SFT layouts) and text row b reads vision row
                 vision_group[b] = b // (B / R). The splice is then a batched take along each
