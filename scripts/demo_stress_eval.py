@@ -58,7 +58,7 @@ def main():
                              max_pixels=max(spec.pixels, size["longest_edge"]))
   sub = demo._sub_config(config, "eval", **{
       "data.prompts": os.path.join(out, "heldout.jsonl"), "model.checkpoint": model, "data.tokenizer": tok,
-      "generate.max_new_tokens": args.max_new_tokens, "generate.max_prompt_length": 16 + spec.cols * spec.rows,
+      "generate.max_new_tokens": args.max_new_tokens, "generate.max_prompt_length": 16 + spec.pixels // pages.script.CELL ** 2,
       "train.progress": False})
   evaluate.run(sub, os.path.join(out, "eval"))
   m = report.metrics(report.read_jsonl(os.path.join(out, "eval", "generations.jsonl")))

@@ -76,3 +76,35 @@ def test_alternate_block_takes_turns_and_blocks_are_validated():
     pages.PageSpec(blocks=("run", "spiral"))
   with pytest.raises(ValueError, match="PageSpec.blocks"):
     pages.PageSpec(blocks=())
+
+
+def test_half_cell_offset_makes_every_merged_token_a_bigram(tmp_path):
+  """x_offset_px = 4: token j of a line is [right half of glyph j - 1 | left half of glyph j], blank at the ends."""
+  half = script.CELL // 2
+  spec = pages.PageSpec(cols=4, rows=3, x_offset_px=half)
+  px = _ink(pages.render(LINES, spec)) == 0
+  assert px.shape == (3 * script.CELL, 5 * script.CELL) and spec.pixels == px.size
+  g = script.glyphs()
+  blank = np.zeros((script.CELL, half), bool)
+  line = LINES[0]
+  for j in range(len(line) + 1):
+    token = px[:script.CELL, j * script.CELL:(j + 1) * script.CELL]
+    right = g[line[j - 1]][:, half:] if j > 0 else blank
+    left = g[line[j]][:, :half] if j < len(line) else blank
+    assert np.array_equal(token, np.concatenate([right, left], axis=1)), j
+  assert not px[:, (len(line) + 1) * script.CELL:][:script.CELL].any()
+  # The chain is readable: no two words share a left half or a right half, and no half is blank.
+  for side in (slice(0, half), slice(half, None)):
+    halves = {g[w][:, side].tobytes() for w in script.WORDS}
+    assert len(halves) == len(script.WORDS) and all(g[w][:, side].any() for w in script.WORDS)
+  # The processor keeps the wider canvas unresized: 2 x 2 patches of 4 px per cell, one cell more.
+  from jaxdpo.demo import tokenizer as demo_tokenizer
+  from transformers import AutoImageProcessor
+  path = demo_tokenizer.write(str(tmp_path / "tok"), patch_size=4, merge_size=2, temporal_patch_size=2,
+                              min_pixels=spec.pixels, max_pixels=spec.pixels)
+  out = AutoImageProcessor.from_pretrained(path)(images=[pages.render(LINES, spec)], return_tensors="np")
+  assert out["image_grid_thw"].tolist() == [[1, 3 * 2, 5 * 2]]
+  assert pages.PageSpec(cols=4, rows=3).pixels == 4 * 3 * script.CELL ** 2  # no offset: the old canvas
+  for bad in (-1, script.CELL):
+    with pytest.raises(ValueError, match="PageSpec.x_offset_px"):
+      pages.PageSpec(x_offset_px=bad)

@@ -50,6 +50,10 @@ class PageSpec:
     noise: probability that a pixel of the page is flipped (ink <-> paper), in [0, 0.5).
     contrast: ink-to-paper difference in (0, 1]; 1 is black on white, lower is grey on grey
       (paper stays at the top of the range, so faint pages are light, not dark).
+    x_offset_px: every glyph drawn this many pixels right of its cell, in [0, CELL); the canvas
+      is then one cell wider. With half a cell (4 px = one patch of `demo_vl`) each 8-px merged
+      vision token holds [right half of glyph i | left half of glyph i + 1]: a bigram, so a reader
+      without horizontal position has to chain tokens by content (BUILD_NOTES, issue 15, e18).
   """
 
   cols: int = 8
@@ -64,6 +68,7 @@ class PageSpec:
   row_gaps: int = 0
   noise: float = 0.0
   contrast: float = 1.0
+  x_offset_px: int = 0
 
   def __post_init__(self):
     if not 0.0 <= self.noise < 0.5:
@@ -78,6 +83,9 @@ class PageSpec:
       raise ValueError(f"PageSpec: need 0 <= line_words <= cols and gaps, row_gaps >= 0, got line_words="
                        f"{self.line_words}, cols={self.cols}, gaps={self.gaps}, row_gaps={self.row_gaps}")
 
+    if not 0 <= self.x_offset_px < script.CELL:
+      raise ValueError(f"PageSpec.x_offset_px must be in [0, {script.CELL}), got {self.x_offset_px}")
+
   @property
   def width(self) -> int:
     """The most words on a line."""
@@ -90,7 +98,12 @@ class PageSpec:
   @property
   def pixels(self) -> int:
     """The canvas area in pixels (what the image processor must keep unresized)."""
-    return self.cols * self.rows * script.CELL ** 2
+    return self.width_px * self.rows * script.CELL
+
+  @property
+  def width_px(self) -> int:
+    """The canvas width: one cell more with an offset, so the last glyph's right half still fits."""
+    return (self.cols + (1 if self.x_offset_px else 0)) * script.CELL
 
 
 def _words(rng, k: int) -> list[str]:
@@ -163,13 +176,15 @@ def render(lines: list[list[str]], spec: PageSpec, rng=None) -> Image.Image:
 
   With `spec.gaps` / `spec.row_gaps` the glyphs are spread out (`layout`); with `spec.noise > 0`
   each pixel flips with that probability; both draw from `rng`, required then. With
-  `spec.contrast < 1` ink is grey on a white page.
+  `spec.contrast < 1` ink is grey on a white page; with `spec.x_offset_px` every glyph is shifted
+  right by that many pixels on a canvas one cell wider.
   """
   cell = script.CELL
-  ink = np.zeros((spec.rows * cell, spec.cols * cell), bool)
+  ink = np.zeros((spec.rows * cell, spec.width_px), bool)
   table = script.glyphs()
+  x0 = spec.x_offset_px
   for r, c, word in layout(lines, spec, rng):
-    ink[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = table[word]
+    ink[r * cell:(r + 1) * cell, x0 + c * cell:x0 + (c + 1) * cell] = table[word]
   if spec.noise > 0:
     if rng is None:
       raise ValueError("render: PageSpec.noise > 0 needs an rng")

@@ -113,8 +113,11 @@ def prepare_data(config, workdir: str) -> dict[str, str]:
       raise UserError(f"config.model.preset={config.model.preset!r}: the Gemma 3 demo needs one pooled image token "
                       f"per {pages_lib.script.CELL}-px cell and the demo tokenizer's "
                       f"{demo_tokenizer.GEMMA_VOCAB_SIZE} ids (use demo_gemma)")
-    specs = {k: dataclasses.replace(s, cols=side, rows=side, line_words=min(s.line_words, side))
-             for k, s in pages_lib.SPLITS.items()}
+    # A half-cell offset (`PageSpec.x_offset_px`) widens the canvas by one cell: one glyph column less keeps it square.
+    specs = {}
+    for k, s in pages_lib.SPLITS.items():
+      cols = side - (1 if s.x_offset_px else 0)
+      specs[k] = dataclasses.replace(s, cols=cols, rows=side, line_words=min(s.line_words, cols))
     pages_lib.write_splits(d, sizes, seed=config.seed, specs=specs)
     demo_tokenizer.write_gemma(paths["tokenizer"], image_size=v.image_size)
   jsonio.write_json(marker, {"pages": {"sft": dm.sft_pages, "mine": dm.mine_pages, "heldout": dm.heldout_pages},
