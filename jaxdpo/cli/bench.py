@@ -323,6 +323,10 @@ def main(argv=None) -> int:
   ap.add_argument("--analyze", action="store_true",
                   help="AOT-compile the step without allocating; print xla_flops, useful_flops, work_ratio, "
                        "planned_peak_gb, compile_s")
+  ap.add_argument("--target", choices=("backend", "h200"), default="backend",
+                  help="--analyze: also compile the step for this accelerator without one (XLA's deviceless GPU "
+                       "compile, jaxdpo.parallel.deviceless) and take planned_peak_gb from its plan; needs the "
+                       "CUDA plugin of this jax (see that module)")
   ap.add_argument("--generate", action="store_true",
                   help="generation throughput: static batching vs row refill vs refill + stop_on_loop, and HF "
                        "generate, on a tiny random Qwen2 with --loop-share looping prompts (jaxdpo.cli.bench_generate)")
@@ -365,11 +369,18 @@ def main(argv=None) -> int:
   args.grad_accum = grad_accum_for(args.workload, args.batch, args.grad_accum)
   if args.analyze:
     from jaxdpo.cli import bench_analyze
-    print(json.dumps(bench_analyze.analyze(args.workload, batch=args.batch, reference=args.reference,
-                                           param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
-                                           chunk=args.logprob_chunk, blocks=blocks, mu_dtype=args.mu_dtype,
-                                           layout=args.layout, grad_accum=args.grad_accum,
-                                           grad_dtype=args.grad_dtype, ref_stacked=args.ref_stacked == "on")))
+    from jaxdpo.parallel import deviceless
+    try:
+      result = bench_analyze.analyze(args.workload, batch=args.batch, reference=args.reference,
+                                     param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
+                                     chunk=args.logprob_chunk, blocks=blocks, mu_dtype=args.mu_dtype,
+                                     layout=args.layout, grad_accum=args.grad_accum,
+                                     grad_dtype=args.grad_dtype, ref_stacked=args.ref_stacked == "on",
+                                     target=args.target)
+    except deviceless.DevicelessUnavailable as e:
+      print(f"error: --target {args.target}: {e}", file=sys.stderr)
+      return 2
+    print(json.dumps(result))
     return 0
   result = run(args.workload, steps=args.steps, warmup=args.warmup, batch=args.batch, reference=args.reference,
                param_dtype=args.param_dtype, compute_dtype=args.compute_dtype, chunk=args.logprob_chunk,

@@ -19,11 +19,16 @@ of the model is allocated. One JSON line reports:
                    bench times (same seed): tokens x (2 non-embedding params + 2VD + 2LTD) x 4
                    (policy fwd+bwd, reference fwd), x 3 with a cached reference.
   work_ratio       xla_flops / useful_flops.
-  planned_peak_gb  per device, from the compiled step's buffer assignment (arguments + outputs
-                   not aliased to donated arguments + temporaries), with the breakdown. It is
-                   the current backend's plan; on CPU it stands in for the H200's.
-  compile_s        seconds to trace, lower and compile the step (the real program: chunk loop and
-                   layer scans rolled). `compile_cpu_s`: the CPU seconds of the same span, all
+  planned_peak_gb  per device, from a compiled step's buffer assignment (arguments + outputs not
+                   aliased to donated arguments + temporaries), with the breakdown. `--target h200`:
+                   the step compiled for an NVIDIA H200 by XLA's GPU compiler without a GPU
+                   (`jaxdpo.parallel.deviceless`; cuDNN attention, as the bench runs there), the
+                   current backend's plan then in `backend_plan`. Without a target, the current
+                   backend's plan; on CPU that overstates a GPU's (the CPU runs bf16 matmuls in fp32
+                   and keeps fp32 copies of the bf16 weights). `planned_for` says which.
+  compile_s        seconds to trace, lower and compile the step for the current backend (the real
+                   program: chunk loop and layer scans rolled); `target_compile_s` the same for the
+                   target. `compile_cpu_s`: the CPU seconds of the same span, all
                    threads (on a shared box the wall time mostly measures the other jobs).
   settings         batch, dtypes, reference mode, chunk, remat policy, layer scan, devices, backend.
 """
@@ -71,59 +76,69 @@ def _abstract_state(abstract_params, tx, mesh):
 def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, compute_dtype: str, chunk: int,
             compile: bool = True, blocks: decoder.BlockPlan = decoder.BlockPlan(), count_flops: bool = True,
             mu_dtype: str = "", layout: str = "shared", grad_accum: int = 1, grad_dtype: str = "param",
-            ref_stacked: bool = False) -> dict:
+            ref_stacked: bool = False, target: str = "backend") -> dict:
   """Compiles the full-size step from shapes and returns the fields in the module docstring.
 
   With `compile=False` only the FLOP count is made (lowering only; no memory plan, no compile_s);
   with `count_flops=False` only the memory plan and compile_s (e.g. one compile per remat policy).
+  `target="h200"` also compiles the step for an NVIDIA H200 without one (`parallel.deviceless`), with
+  the attention the bench runs there (cuDNN), and takes `planned_peak_gb` from that plan; the CPU
+  plan stays in the output as `backend_plan`.
   """
   from jaxdpo.cli import bench
   w = bench.WORKLOADS[workload]()
   fam, cfg = registry.get_family(w.family), w.model
-  mesh = shd.make_mesh({"data": 1})  # the bench's settings on one device (one H200)
   pdt, cdt = jnp.dtype(param_dtype), jnp.dtype(compute_dtype)
-  impl = "cudnn" if jax.default_backend() == "gpu" and cdt.itemsize == 2 else "xla"
-  graphdef, abstract = io.build_abstract(fam, cfg, pdt, impl)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.to_pure_dict(abstract)))
   tx, schedule = optim.make_optimizer(bench.optim_config(mu_dtype), 12)
-  state, p_sh = _abstract_state(abstract, tx, mesh)
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
-  ref = None
-  if reference == "model":  # held in the compute dtype, as the bench holds it
-    ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cdt, sharding=x.sharding), state["params"])
-  ref_sh = None if ref is None else p_sh
-  if ref is not None and ref_stacked and blocks.scan:  # stacked once at load (`decoder.StackedParams`)
-    ref = jax.eval_shape(lambda r: decoder.stack_params(graphdef, r), ref)
-    ref_sh = jax.tree.map(lambda _: shd.replicated(mesh), ref)
-    ref = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), ref, ref_sh)
   sample = bench.synthetic_batches(w, 1, 1, cfg.vocab_size, layout=layout)[0][0]
   if reference == "cached":
     sample["ref_logps"] = np.zeros((1, 2), np.float32)
-  batch_sds = memory.abstract_batch(sample, batch, mesh)
+
+  def program(devices, impl):
+    """(lower(step config), abstract state, abstract reference) of the step on one device."""
+    mesh = shd.make_mesh({"data": 1}, devices)  # the bench's settings on one device (one H200)
+    graphdef, abstract = io.build_abstract(fam, cfg, pdt, impl)
+    state, p_sh = _abstract_state(abstract, tx, mesh)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    ref = None
+    if reference == "model":  # held in the compute dtype, as the bench holds it
+      ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cdt, sharding=x.sharding), state["params"])
+    ref_sh = None if ref is None else p_sh
+    if ref is not None and ref_stacked and blocks.scan:  # stacked once at load (`decoder.StackedParams`)
+      ref = jax.eval_shape(lambda r: decoder.stack_params(graphdef, r), ref)
+      ref_sh = jax.tree.map(lambda _: shd.replicated(mesh), ref)
+      ref = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), ref, ref_sh)
+    batch_sds = memory.abstract_batch(sample, batch, mesh)
+
+    def lowered(cfg_):
+      step_fn = update.make_train_step(step_lib.objective(graphdef, cfg_), tx, mesh, state_sh,
+                                       ref_sh, schedule, grad_accum=cfg_.grad_accum,
+                                       grad_dtype=bench.grad_dtype_of(grad_dtype, cdt))
+      return step_fn.lower(state, ref, batch_sds)
+    return lowered, state, ref, mesh
+
   scfg = step_lib.StepConfig(loss=losses.DPOLossConfig(beta=0.1), compute_dtype=cdt, logprob_chunk=chunk,
                              blocks=blocks, completion_window=bench.completion_window(w), grad_accum=grad_accum)
-
-  def lowered(cfg_):
-    step_fn = update.make_train_step(step_lib.objective(graphdef, cfg_), tx, mesh, state_sh,
-                                     ref_sh, schedule, grad_accum=cfg_.grad_accum,
-                                     grad_dtype=bench.grad_dtype_of(grad_dtype, cdt))
-    return step_fn.lower(state, ref, batch_sds)
-
+  impl = "cudnn" if jax.default_backend() == "gpu" and cdt.itemsize == 2 else "xla"
+  lowered, state, ref, mesh = program(None, impl)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   plan = {}
   if compile:
-    t0, c0 = time.perf_counter(), time.process_time()
-    compiled = lowered(scfg).compile()
-    compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    stats = compiled.memory_analysis()
-    args, temp = int(stats.argument_size_in_bytes), int(stats.temp_size_in_bytes)
-    extra_out = max(0, int(stats.output_size_in_bytes) - int(stats.alias_size_in_bytes))
-    del compiled
-    plan = {"planned_peak_gb": (args + extra_out + temp) / GB,
-            "planned_gb": {"arguments": args / GB, "outputs_not_aliased": extra_out / GB, "temporaries": temp / GB,
-                           "params": memory.per_device_bytes(state["params"]) / GB,
-                           "opt_state": memory.per_device_bytes(state["opt_state"]) / GB,
-                           "reference": (memory.per_device_bytes(ref) if ref is not None else 0) / GB},
-            "compile_s": compile_s, "compile_cpu_s": compile_cpu_s}
+    plan = _plan(lambda: lowered(scfg), state, ref)
+    if target != "backend":
+      from jaxdpo.parallel import deviceless
+      gpu_impl = "cudnn" if cdt.itemsize == 2 else "xla"
+      gpu_lowered, gpu_state, gpu_ref, _ = program(deviceless.devices(target), gpu_impl)
+      with deviceless.compiling_for(target):
+        gpu = _plan(lambda: gpu_lowered(scfg), gpu_state, gpu_ref)
+      plan = {"planned_peak_gb": gpu["planned_peak_gb"], "planned_gb": gpu["planned_gb"],
+              "planned_for": f"{target} (XLA GPU compiler, deviceless; attention {gpu_impl})",
+              "target_compile_s": gpu["compile_s"], "target_compile_cpu_s": gpu["compile_cpu_s"],
+              "compile_s": plan["compile_s"], "compile_cpu_s": plan["compile_cpu_s"],
+              "backend_plan": {"planned_peak_gb": plan["planned_peak_gb"], "planned_gb": plan["planned_gb"],
+                               "attention_impl": impl}}
+    else:
+      plan["planned_for"] = f"{jax.default_backend()} backend (attention {impl})"
   useful = useful_flops(w, batch=batch, reference=reference, n_params=n_params)
   work = {}
   if count_flops:
@@ -142,4 +157,21 @@ def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, comp
                        "completion_window": scfg.completion_window, "mu_dtype": mu_dtype or param_dtype,
                        "grad_accum": grad_accum, "grad_dtype": grad_dtype,
                        "ref_stacked": bool(ref_stacked and blocks.scan and reference == "model"),
-                       "devices": mesh.size, "backend": jax.default_backend()}}
+                       "devices": mesh.size, "backend": jax.default_backend(), "target": target}}
+
+
+def _plan(lower, state, ref) -> dict:
+  """Traces, lowers (`lower()`) and compiles the step; its buffer assignment (GiB) and compile times."""
+  t0, c0 = time.perf_counter(), time.process_time()
+  compiled = lower().compile()
+  compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+  stats = compiled.memory_analysis()
+  args, temp = int(stats.argument_size_in_bytes), int(stats.temp_size_in_bytes)
+  extra_out = max(0, int(stats.output_size_in_bytes) - int(stats.alias_size_in_bytes))
+  del compiled
+  return {"planned_peak_gb": (args + extra_out + temp) / GB,
+          "planned_gb": {"arguments": args / GB, "outputs_not_aliased": extra_out / GB, "temporaries": temp / GB,
+                         "params": memory.per_device_bytes(state["params"]) / GB,
+                         "opt_state": memory.per_device_bytes(state["opt_state"]) / GB,
+                         "reference": (memory.per_device_bytes(ref) if ref is not None else 0) / GB},
+          "compile_s": compile_s, "compile_cpu_s": compile_cpu_s}
