@@ -167,6 +167,33 @@ def block_plan(workload: str, remat_policy: str, scan_layers: str) -> decoder.Bl
   return decoder.BlockPlan(remat=remat_policy, scan=scan)
 
 
+STACKED_CHOICES = ("auto", "on", "off")
+
+
+def stacked_flags(blocks: decoder.BlockPlan, params_stacked: str, ref_stacked: str) -> tuple[bool, bool]:
+  """(policy state stacked, live reference stacked) from `--params-stacked` / `--ref-stacked`.
+
+  auto: the policy's params (and so its gradients and optimizer state) are held stacked when the
+  layers are scanned, and the reference is stacked like the policy. Stacking needs the scan (it
+  is the layout the scan reads), so "on" without it is refused.
+  """
+  for name, flag in (("--params-stacked", params_stacked), ("--ref-stacked", ref_stacked)):
+    if flag not in STACKED_CHOICES:
+      raise ValueError(f"{name} {flag!r}; expected one of {STACKED_CHOICES}")
+    if flag == "on" and not blocks.scan:
+      raise ValueError(f"{name} on needs the layer scan (--scan-layers on): stacked layers are what the scan reads")
+  params = params_stacked == "on" or (params_stacked == "auto" and blocks.scan)
+  ref = ref_stacked == "on" or (ref_stacked == "auto" and params)
+  return params, ref
+
+
+def stack_on_device(graphdef, tree, shardings):
+  """(`decoder.stack_params(graphdef, tree)` made on device, its shardings): each stacked leaf is
+  sharded as its layers were, after a leading layer axis on no mesh axis (`sharding.stacked`)."""
+  out_sh = jax.eval_shape(lambda t: decoder.stack_params(graphdef, t), tree).like(shardings, shd.stacked)
+  return jax.jit(lambda t: decoder.stack_params(graphdef, t), out_shardings=out_sh)(tree), out_sh
+
+
 def completion_window(w: Workload) -> int:
   """The step's static LM-head window for a workload: its longest completion (`logprobs.window_for`)."""
   return logprobs.window_for(max(w.chosen[1], w.rejected[1]), w.prompt[1] + max(w.chosen[1], w.rejected[1]))
@@ -189,7 +216,7 @@ def optim_config(mu_dtype: str = "") -> ConfigDict:
 def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, param_dtype: str,
         compute_dtype: str, chunk: int, peak_tflops: float, blocks: decoder.BlockPlan = decoder.BlockPlan(),
         mu_dtype: str = "", layout: str = "shared", grad_accum: int = 1, grad_dtype: str = "param",
-        ref_stacked: bool = False) -> dict:
+        params_stacked: str = "off", ref_stacked: str = "off") -> dict:
   w = WORKLOADS[workload]()
   fam = registry.get_family(w.family)
   cfg = w.model
@@ -203,20 +230,22 @@ def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, p
                    out_shardings=p_sh)()
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   n_embed = cfg.vocab_size * cfg.hidden_size
+  params_stacked, ref_stacked = stacked_flags(blocks, params_stacked, ref_stacked)
   tx, schedule = optim.make_optimizer(optim_config(mu_dtype), steps + warmup)
   scfg = step_lib.StepConfig(loss=losses.DPOLossConfig(beta=0.1), compute_dtype=cdt, logprob_chunk=chunk,
                              blocks=blocks, completion_window=completion_window(w), grad_accum=grad_accum)
-  state = {"step": train.scalar_state(0, mesh), "params": params, "opt_state": train.init_opt_state(tx, params, mesh)}
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
   batches = synthetic_batches(w, batch, steps + warmup, cfg.vocab_size, layout=layout)
-  ref, precompute = None, {}
+  ref, ref_sh, precompute = None, None, {}
   if reference == "model":  # held in the compute dtype, cast once here, as the DPO job holds it
     ref = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cdt), p), out_shardings=p_sh)(params)
-  ref_sh = None if ref is None else p_sh
-  if ref is not None and ref_stacked and blocks.scan:  # its scanned layers stacked once, here (decoder.StackedParams)
-    ref = jax.jit(lambda r: decoder.stack_params(graphdef, r), out_shardings=shd.replicated(mesh))(ref)
-    ref_sh = jax.tree.map(lambda _: shd.replicated(mesh), ref)
-  else:  # cached: reference log-probs computed beforehand, timed on their own, outside the step's loop
+    ref_sh = p_sh
+    if ref_stacked:  # its scanned layers stacked once, here (decoder.StackedParams)
+      ref, ref_sh = stack_on_device(graphdef, ref, p_sh)
+  if params_stacked:  # the policy's train state (params, gradients, AdamW moments) over stacked layers
+    params, _ = stack_on_device(graphdef, params, p_sh)
+  state = {"step": train.scalar_state(0, mesh), "params": params, "opt_state": train.init_opt_state(tx, params, mesh)}
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  if ref is None:  # cached: reference log-probs computed beforehand, timed on their own, outside the step's loop
     batches, precompute = _precompute(graphdef, scfg, params, batches, mesh, warmup)
   step_fn = update.make_train_step(step_lib.objective(graphdef, scfg), tx, mesh, state_sh,
                                    ref_sh, schedule, grad_accum=scfg.grad_accum,
@@ -244,7 +273,8 @@ def run(workload: str, *, steps: int, warmup: int, batch: int, reference: str, p
           "mfu_vs_peak": flops / sec / (peak_tflops * 1e12),
           "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None, "loss": float(metrics["loss"]),
           "completion_window": scfg.completion_window, "mu_dtype": mu_dtype or param_dtype,
-          "grad_accum": grad_accum, "grad_dtype": grad_dtype, "ref_stacked": bool(ref_stacked and blocks.scan and ref is not None),
+          "grad_accum": grad_accum, "grad_dtype": grad_dtype, "params_stacked": params_stacked,
+          "ref_stacked": ref_stacked and ref is not None,
           **precompute}
 
 
@@ -303,9 +333,13 @@ def main(argv=None) -> int:
   ap.add_argument("--grad-dtype", choices=GRAD_DTYPES, default=DEFAULT_GRAD_DTYPE,
                   help="param: differentiate the fp32 params; compute: their compute-dtype copy (gradients leave the "
                        "backward in bf16, micro-batch sums in fp32; the same values, see update.make_train_step)")
-  ap.add_argument("--ref-stacked", choices=("on", "off"), default="off",
-                  help="with the layer scan, hold the live reference's scanned layers stacked once at load "
-                       "(decoder.StackedParams) instead of stacking them in every step")
+  ap.add_argument("--params-stacked", choices=STACKED_CHOICES, default="auto",
+                  help="hold the policy's scanned layers stacked in the train state (params, gradients and AdamW "
+                       "state over [L, ...] leaves, decoder.StackedParams) instead of stacking them in every step; "
+                       "auto: on with the layer scan")
+  ap.add_argument("--ref-stacked", choices=STACKED_CHOICES, default="auto",
+                  help="hold the live reference's scanned layers stacked once at load (decoder.StackedParams) "
+                       "instead of stacking them in every step; auto: as --params-stacked")
   ap.add_argument("--mu-dtype", default=DEFAULT_MU_DTYPE,
                   help="AdamW first-moment dtype (optim.mu_dtype); '' = the param dtype")
   ap.add_argument("--layout", choices=shared_rows.LAYOUTS, default="shared",
@@ -363,7 +397,7 @@ def main(argv=None) -> int:
                     "--logprob-chunk", str(args.logprob_chunk), "--peak-tflops", str(args.peak_tflops),
                     "--remat", args.remat, "--scan-layers", args.scan_layers, "--mu-dtype", args.mu_dtype,
                     "--layout", args.layout, "--grad-accum", str(args.grad_accum), "--grad-dtype", args.grad_dtype,
-                    "--ref-stacked", args.ref_stacked)))
+                    "--params-stacked", args.params_stacked, "--ref-stacked", args.ref_stacked)))
     return 0
   blocks = block_plan(args.workload, args.remat, args.scan_layers)
   args.grad_accum = grad_accum_for(args.workload, args.batch, args.grad_accum)
@@ -375,7 +409,8 @@ def main(argv=None) -> int:
                                      param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
                                      chunk=args.logprob_chunk, blocks=blocks, mu_dtype=args.mu_dtype,
                                      layout=args.layout, grad_accum=args.grad_accum,
-                                     grad_dtype=args.grad_dtype, ref_stacked=args.ref_stacked == "on",
+                                     grad_dtype=args.grad_dtype, params_stacked=args.params_stacked,
+                                     ref_stacked=args.ref_stacked,
                                      target=args.target)
     except deviceless.DevicelessUnavailable as e:
       print(f"error: --target {args.target}: {e}", file=sys.stderr)
@@ -385,7 +420,8 @@ def main(argv=None) -> int:
   result = run(args.workload, steps=args.steps, warmup=args.warmup, batch=args.batch, reference=args.reference,
                param_dtype=args.param_dtype, compute_dtype=args.compute_dtype, chunk=args.logprob_chunk,
                peak_tflops=args.peak_tflops, blocks=blocks, mu_dtype=args.mu_dtype, layout=args.layout,
-               grad_accum=args.grad_accum, grad_dtype=args.grad_dtype, ref_stacked=args.ref_stacked == "on")
+               grad_accum=args.grad_accum, grad_dtype=args.grad_dtype, params_stacked=args.params_stacked,
+               ref_stacked=args.ref_stacked)
   peer = _peer(args, args.workload)
   if peer:
     result["peer"] = peer.get("peer")

@@ -64,9 +64,18 @@ def useful_flops(workload, *, batch: int, reference: str, n_params: int, steps: 
   return tokens * per_token * (3 + (1 if reference == "model" else 0))
 
 
-def _abstract_state(abstract_params, tx, mesh):
+def _stacked(graphdef, tree, shardings):
+  """Abstract `decoder.stack_params(graphdef, tree)` carrying its shardings (`bench.stack_on_device`)."""
+  out = jax.eval_shape(lambda t: decoder.stack_params(graphdef, t), tree)
+  sh = out.like(shardings, shd.stacked)
+  return memory.with_shardings(out, sh), sh
+
+
+def _abstract_state(abstract_params, tx, mesh, graphdef, stacked: bool):
   p_sh = shd.param_shardings(abstract_params, shd.DEFAULT_RULES, mesh)
   params = memory.with_shardings(nnx.to_pure_dict(abstract_params), p_sh)
+  if stacked:  # the policy's state over stacked layers (`bench --params-stacked`)
+    params, p_sh = _stacked(graphdef, params, p_sh)
   abstract_opt = jax.eval_shape(tx.init, params)
   opt = memory.with_shardings(abstract_opt, memory.opt_state_shardings(abstract_opt, params, p_sh, mesh))
   step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shd.replicated(mesh))
@@ -76,7 +85,7 @@ def _abstract_state(abstract_params, tx, mesh):
 def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, compute_dtype: str, chunk: int,
             compile: bool = True, blocks: decoder.BlockPlan = decoder.BlockPlan(), count_flops: bool = True,
             mu_dtype: str = "", layout: str = "shared", grad_accum: int = 1, grad_dtype: str = "param",
-            ref_stacked: bool = False, target: str = "backend") -> dict:
+            params_stacked: str = "off", ref_stacked: str = "off", target: str = "backend") -> dict:
   """Compiles the full-size step from shapes and returns the fields in the module docstring.
 
   With `compile=False` only the FLOP count is made (lowering only; no memory plan, no compile_s);
@@ -89,6 +98,7 @@ def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, comp
   w = bench.WORKLOADS[workload]()
   fam, cfg = registry.get_family(w.family), w.model
   pdt, cdt = jnp.dtype(param_dtype), jnp.dtype(compute_dtype)
+  params_stacked, ref_stacked = bench.stacked_flags(blocks, params_stacked, ref_stacked)
   tx, schedule = optim.make_optimizer(bench.optim_config(mu_dtype), 12)
   sample = bench.synthetic_batches(w, 1, 1, cfg.vocab_size, layout=layout)[0][0]
   if reference == "cached":
@@ -98,16 +108,16 @@ def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, comp
     """(lower(step config), abstract state, abstract reference) of the step on one device."""
     mesh = shd.make_mesh({"data": 1}, devices)  # the bench's settings on one device (one H200)
     graphdef, abstract = io.build_abstract(fam, cfg, pdt, impl)
-    state, p_sh = _abstract_state(abstract, tx, mesh)
+    state, _ = _abstract_state(abstract, tx, mesh, graphdef, params_stacked)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    ref = None
+    ref, ref_sh = None, None
     if reference == "model":  # held in the compute dtype, as the bench holds it
-      ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cdt, sharding=x.sharding), state["params"])
-    ref_sh = None if ref is None else p_sh
-    if ref is not None and ref_stacked and blocks.scan:  # stacked once at load (`decoder.StackedParams`)
-      ref = jax.eval_shape(lambda r: decoder.stack_params(graphdef, r), ref)
-      ref_sh = jax.tree.map(lambda _: shd.replicated(mesh), ref)
-      ref = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), ref, ref_sh)
+      p_sh = shd.param_shardings(abstract, shd.DEFAULT_RULES, mesh)
+      ref = memory.with_shardings(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cdt),
+                                               nnx.to_pure_dict(abstract)), p_sh)
+      ref_sh = p_sh
+      if ref_stacked:  # stacked once at load (`decoder.StackedParams`)
+        ref, ref_sh = _stacked(graphdef, ref, p_sh)
     batch_sds = memory.abstract_batch(sample, batch, mesh)
 
     def lowered(cfg_):
@@ -156,7 +166,7 @@ def analyze(workload: str, *, batch: int, reference: str, param_dtype: str, comp
                        "remat": blocks.remat, "scan_layers": blocks.scan,
                        "completion_window": scfg.completion_window, "mu_dtype": mu_dtype or param_dtype,
                        "grad_accum": grad_accum, "grad_dtype": grad_dtype,
-                       "ref_stacked": bool(ref_stacked and blocks.scan and reference == "model"),
+                       "params_stacked": params_stacked, "ref_stacked": ref_stacked and reference == "model",
                        "devices": mesh.size, "backend": jax.default_backend(), "target": target}}
 
 

@@ -72,11 +72,14 @@ class StackedParams:
   """Parameters whose scanned decoder layers are held stacked, as the layer scan reads them.
 
   The layer scan (`BlockPlan.scan`) stacks the per-layer states of each run of equal blocks inside
-  the traced step, a copy of those layers on every forward. Parameters that never change (the
-  frozen DPO reference) can be stacked once, outside the step (`stack_params`); a forward on them
-  (`full()` merged into the model, inside `prestacked(stacks)`) then scans the given stacks and
-  copies nothing. The per-layer leaves `full()` rebuilds are slices of the stacks, read only
-  where something else needs them (e.g. `dpo_step.params_identical`).
+  the traced step, a copy of those layers on every forward. Parameters can instead be held
+  stacked (`stack_params`): the frozen DPO reference, stacked once at load, and the trained
+  params with their optimizer state (`train.stacked_params`), so that gradients, clipping, AdamW
+  and the step's guards run over ~14 stacked leaves instead of ~435 per-layer ones. A forward on
+  them (`full()` merged into the model, inside `prestacked(stacks)`) scans the given stacks and
+  copies nothing; the per-layer leaves `full()` rebuilds are slices of the stacks that the scan
+  never reads, so they are dead code in the compiled step (and, differentiated, get no gradient).
+  Another per-layer tree (shardings, masks) takes the same layout with `like`.
 
   Attributes:
     rest: the pure-dict params without the stacked layers' entries.
@@ -100,6 +103,25 @@ class StackedParams:
           layers[start + g * period + j] = jax.tree.map(lambda x, g=g: x[g], self.stacks[start][j])
     return out
 
+  def like(self, tree: dict, combine: Callable[[list], object]) -> StackedParams:
+    """`tree` (per layer, the structure of `full()`) in this layout; `combine` makes one stacked
+    leaf from the per-layer leaves of a stack, in layer order (e.g. shardings, `trainable` masks)."""
+    return restack(tree, self.prefix, self.segments, combine)
+
+
+def restack(tree: dict, prefix: tuple, segments: tuple, combine: Callable[[list], object]) -> StackedParams:
+  """`tree` with the layers of `segments` ((start, groups, period) entries) combined per offset and
+  leaf by `combine` (a list of the groups' leaves, layer order -> one leaf); see `StackedParams`."""
+  rest = jax.tree.map(lambda x: x, tree)  # a new dict tree; leaves shared
+  layers = _at(rest, prefix)
+  stacks = {}
+  for start, n_groups, period in segments:
+    stacks[start] = [jax.tree.map(lambda *xs: combine(list(xs)), *[layers[start + g * period + j] for g in range(n_groups)])
+                     for j in range(period)]
+    for i in range(start, start + n_groups * period):
+      del layers[i]
+  return StackedParams(rest=rest, stacks=stacks, prefix=prefix, segments=tuple(segments))
+
 
 def _at(tree: dict, path: tuple):
   for key in path:
@@ -107,26 +129,28 @@ def _at(tree: dict, path: tuple):
   return tree
 
 
-def stack_params(graphdef, params: dict) -> StackedParams:
-  """`params` (pure dict) with the layers of every scan segment of its decoder stacked (see
-  `StackedParams`); jit it to stack on device. The model must hold exactly one `DecoderStack`."""
+def stack_layout(graphdef, params: dict) -> tuple[tuple, tuple]:
+  """(prefix, segments) of `StackedParams` for a model: the path of its decoder's `layers` and the
+  `scan_segments` runs of more than one group. `params` may be abstract (ShapeDtypeStructs). The
+  model must hold exactly one `DecoderStack`."""
   model = nnx.merge(graphdef, params)
   found = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, DecoderStack)]
   if len(found) != 1:
     raise ValueError(f"stack_params: expected one DecoderStack in the model, found {len(found)}")
   path, stack = found[0]
-  prefix = tuple(path) + ("layers",)
-  rest = jax.tree.map(lambda x: x, params)
-  layers = _at(rest, prefix)
-  blocks, stacks, segments, start = list(stack.layers), {}, [], 0
-  for n_groups, period in scan_segments(blocks):
+  segments, start = [], 0
+  for n_groups, period in scan_segments(list(stack.layers)):
     if n_groups > 1:
-      stacks[start] = [_stack([layers[start + g * period + j] for g in range(n_groups)]) for j in range(period)]
       segments.append((start, n_groups, period))
-      for i in range(start, start + n_groups * period):
-        del layers[i]
     start += n_groups * period
-  return StackedParams(rest=rest, stacks=stacks, prefix=prefix, segments=tuple(segments))
+  return tuple(path) + ("layers",), tuple(segments)
+
+
+def stack_params(graphdef, params: dict) -> StackedParams:
+  """`params` (pure dict) with the layers of every scan segment of its decoder stacked (see
+  `StackedParams`); jit it to stack on device."""
+  prefix, segments = stack_layout(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+  return restack(params, prefix, segments, lambda xs: jnp.stack(xs))
 
 
 @contextlib.contextmanager

@@ -106,7 +106,13 @@ def softcap(cfg, model):
 
 
 def params_identical(params, ref_params) -> jax.Array:
-  """A traced bool: every policy tensor equals the reference's bit for bit (same shapes and dtypes)."""
+  """A traced bool: every policy tensor equals the reference's bit for bit (same shapes and dtypes).
+
+  Two trees stacked alike (`decoder.StackedParams`) are compared stack by stack; when only one is
+  stacked, it is compared through its per-layer slices (`full()`).
+  """
+  if isinstance(params, decoder.StackedParams) != isinstance(ref_params, decoder.StackedParams):
+    params, ref_params = (p.full() if isinstance(p, decoder.StackedParams) else p for p in (params, ref_params))
   a, b = jax.tree.leaves(params), jax.tree.leaves(ref_params)
   if jax.tree.structure(params) != jax.tree.structure(ref_params) or any(
       x.shape != y.shape or x.dtype != y.dtype for x, y in zip(a, b)):
@@ -138,8 +144,6 @@ def loss_terms(params, ref_params, batch, graphdef, cfg: StepConfig, n_pairs, n_
     ref = jax.lax.stop_gradient(ref)
     # The reference is held in the compute dtype (`jobs.dpo.reference_copy`): compare what the step reads.
     cast = lambda tree: jax.tree.map(lambda p: p.astype(cfg.compute_dtype), tree)
-    if isinstance(ref_params, decoder.StackedParams):
-      ref_params = ref_params.full()
     same = params_identical(cast(params), cast(ref_params))
     ref = jnp.where(same, jax.lax.stop_gradient(seq), ref)
   pl, ratio_c, ratio_r = losses.pair_losses(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],

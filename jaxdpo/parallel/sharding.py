@@ -114,6 +114,16 @@ def param_shardings(abstract_params: nnx.State, rules, mesh):
                       axes, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def stacked(shardings: Sequence[NamedSharding]) -> NamedSharding:
+  """The sharding of a stacked leaf [L, ...] (`decoder.StackedParams`) from its layers' (equal)
+  shardings: the same spec after a leading layer axis that maps to no mesh axis, so each device
+  holds every layer's shard, as it did per layer."""
+  first = shardings[0]
+  if any(s != first for s in shardings[1:]):
+    raise ValueError(f"stacked layers have different shardings: {sorted({str(s.spec) for s in shardings})}")
+  return NamedSharding(first.mesh, P(None, *first.spec))
+
+
 def batch_sharding(mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
   """Shards the leading (batch) dimension over the batch mesh axes, the rest replicated."""
   target = dict(rules).get("batch", BATCH_AXES)

@@ -24,10 +24,15 @@ def make_schedule(kind: str, lr: float, warmup_steps: int, total_steps: int, end
 
 
 def decay_mask(params):
-  """Weight decay on matrices only: biases and norm scales are not decayed (as in HF Trainer)."""
+  """Weight decay on matrices only: biases and norm scales are not decayed (as in HF Trainer).
+
+  Leaves of stacked layers (`decoder.StackedParams.stacks`: [L, ...]) are judged by their per-layer
+  shape, so a stacked norm scale [L, D] is still not decayed.
+  """
   def keep(path, x):
     name = str(getattr(path[-1], "key", path[-1]))
-    return x.ndim >= 2 and name != "bias"
+    layer_axis = int(bool(path) and getattr(path[0], "name", None) == "stacks")
+    return x.ndim - layer_axis >= 2 and name != "bias"
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
