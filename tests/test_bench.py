@@ -6,6 +6,7 @@ No timing is asserted: speed is measured by the bench, never by tests.
 import json
 
 import numpy as np
+import pytest
 
 from jaxdpo.cli import bench
 
@@ -64,3 +65,21 @@ def test_bench_generate_reports_every_mode(capsys):
   assert by_mode["refill+stop_on_loop"]["prefix_of_static"]
   assert 0 <= by_mode["refill+stop_on_loop"]["early_vs_full_agreement"] <= 1
   assert set(lines[-1]["summary"]) == set(by_mode)
+
+
+def test_params_stacked_runs_the_same_steps(capsys):
+  """`--params-stacked`: the train state over stacked layers gives the per-layer state's losses (fp32); auto
+  follows the layer scan; "on" without the scan is refused by name."""
+  base = ["--workload", "tiny", "--steps", "2", "--warmup", "1", "--batch", "2", "--compute-dtype", "float32",
+          "--scan-layers", "on"]
+  out = {}
+  for flag in ("auto", "off"):
+    assert bench.main(base + ["--params-stacked", flag]) == 0
+    out[flag] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["auto"]["params_stacked"] and out["auto"]["ref_stacked"]
+  assert not out["off"]["params_stacked"] and not out["off"]["ref_stacked"]
+  assert abs(out["auto"]["loss"] - out["off"]["loss"]) <= 1e-6 * abs(out["off"]["loss"])
+  plan = bench.block_plan("tiny", "none", "auto")  # the tiny workloads are not scanned
+  assert bench.stacked_flags(plan, "auto", "auto") == (False, False)
+  with pytest.raises(ValueError, match="--params-stacked on needs the layer scan"):
+    bench.stacked_flags(plan, "on", "auto")
