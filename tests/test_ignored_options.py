@@ -115,3 +115,20 @@ def test_dpo_job_honours_optim_mu_dtype(tmp_path, monkeypatch):
   dpo_job.run(demo_config(**{"optim.mu_dtype": "bfloat16", "train.num_steps": 1, "train.ckpt_every": 0,
                              "train.log_every": 1}), str(tmp_path))
   assert seen == {"mu": {jnp.dtype("bfloat16")}, "nu": {jnp.dtype("float32")}}
+
+
+def test_stacked_params_reaches_the_dpo_state_and_sft_refuses_on(tmp_path):
+  """train.stacked_params: the DPO job holds its state stacked (tests/test_stacked_job.py runs it); SFT, which
+  does not, refuses "on" naming the key rather than ignoring it."""
+  with pytest.raises(ConfigError, match=r"config\.train\.stacked_params='on': the stacked train state is built for"):
+    sft_job.run(_sft_config(**{"train.stacked_params": "on", "train.scan_layers": True}), str(tmp_path))
+  from jaxdpo.jobs import common
+  from jaxdpo.jobs import defaults
+  assert defaults.base().train.stacked_params == "auto"
+  assert common.params_stacked(_sft_config(**{"train.scan_layers": True}), _NoLora(), None)
+  assert not common.params_stacked(_sft_config(**{"train.scan_layers": False}), _NoLora(), None)
+  assert not common.params_stacked(_sft_config(**{"train.scan_layers": True}), _NoLora(), {"mask": True})
+
+
+class _NoLora:
+  lora = None

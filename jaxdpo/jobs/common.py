@@ -35,6 +35,21 @@ def block_plan(config) -> decoder.BlockPlan:
   return decoder.BlockPlan(remat=config.train.remat, scan=bool(config.train.scan_layers))
 
 
+def params_stacked(config, bundle, trainable_mask) -> bool:
+  """`train.stacked_params`: whether the DPO train state holds the scanned layers stacked.
+
+  auto: with `train.scan_layers`, unless LoRA or a `model.trainable` mask is set (their per-path
+  logic reads per-layer leaves; those runs keep the per-layer state). "on" with either is refused.
+  """
+  flag = config.train.get("stacked_params", "off")
+  blocker = ("LoRA (config.lora.rank > 0)" if bundle.lora is not None else
+             f"config.model.trainable={config.model.trainable!r}" if trainable_mask is not None else None)
+  if flag == "on" and blocker:
+    raise ConfigError(f"config.train.stacked_params='on' is not built with {blocker}; use 'auto' (per-layer state "
+                      "for such runs) or 'off'")
+  return flag == "on" or (flag == "auto" and bool(config.train.scan_layers) and blocker is None)
+
+
 def completion_window(config, completion_lengths) -> int:
   """The step's static LM-head window (`logprobs.window_for`): the longest completion of the
   run's tokenized data (train and eval), so one compile serves every batch."""
@@ -163,7 +178,10 @@ def train_and_finish(config, workdir: str, mesh, spec, bundle):
   last = train.run_loop(config, workdir, mesh, spec)
   model_dir = None
   if int(jax.device_get(spec.state["step"])) >= config.train.num_steps:
-    params = model_setup.export_params(bundle, spec.state["params"])  # LoRA: adapters merged in
+    params = spec.state["params"]
+    if isinstance(params, decoder.StackedParams):  # `train.stacked_params`: exported per layer, as checkpoints are
+      params = params.full()
+    params = model_setup.export_params(bundle, params)  # LoRA: adapters merged in
     model_dir = train.export_final_model(workdir, config, bundle, params)
     if bundle.lora is not None:  # the PEFT adapter too (text and VLM families)
       model_setup.export_peft(os.path.join(workdir, "peft"), bundle, spec.state["params"],

@@ -147,6 +147,9 @@ def base() -> ml_collections.ConfigDict:
                                     # save_attn | save_qkv_proj (jaxdpo.models.remat: what each keeps per layer)
   c.train.scan_layers = False       # run repeated decoder blocks as one jax.lax.scan (compiles each block kind
                                     # once; parameters stay stored per layer); the full-size configs turn it on
+  c.train.stacked_params = "auto"   # DPO: hold the scanned layers stacked in the train state (params, AdamW state):
+                                    # auto = with scan_layers (not with LoRA / model.trainable) | on | off;
+                                    # checkpoints stay per layer
   c.train.tensorboard = False       # also log to DIR/tensorboard (needs tensorboardX)
   c.train.progress = True           # progress bar on stderr
   c.train.straggler_factor = 10.0   # warn when a step takes this many times the median; 0 = off

@@ -12,11 +12,12 @@ from tqdm.auto import tqdm
 
 from jaxdpo.parallel import distributed
 from jaxdpo.parallel import memory
+from jaxdpo.models import decoder
 from jaxdpo.models import lora as lora_lib
 from jaxdpo.models import trainable as trainable_lib
 from jaxdpo.jobs import common, model_setup, ref_cache
 from jaxdpo.jobs import validate
-from jaxdpo.train import optim
+from jaxdpo.train import optim, stacked_state
 from jaxdpo.train import loop as train
 from jaxdpo.train import update
 from jaxdpo.parallel import sharding as shd
@@ -255,8 +256,20 @@ def run(config, workdir: str) -> dict:
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
   mask = model_setup.trainable_mask(config.model, bundle)
   state = train.init_state(bundle, tx, mesh, mask)
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
   ref_sh = None if ref_params is None else bundle.param_shardings
+  disk, param_sh = None, bundle.param_shardings
+  if common.params_stacked(config, bundle, mask):
+    # The scanned layers held stacked from here on (bundle.params is donated); checkpoints stay per layer.
+    leaves = len(jax.tree.leaves(state["params"]))
+    state, disk = stacked_state.stack_state(bundle.graphdef, state)
+    log.info("train state: scanned layers stacked (train.stacked_params), %d -> %d parameter leaves; checkpoints "
+             "stay per layer", leaves, len(jax.tree.leaves(state["params"])))
+    param_sh = jax.tree.map(lambda x: x.sharding, state["params"])
+    if ref_params is not None:  # the reference stacked the same way, so params_identical compares stack by stack
+      ref_params = jax.jit(lambda r: decoder.stack_params(bundle.graphdef, r),
+                           out_shardings=param_sh)(ref_params)
+      ref_sh = jax.tree.map(lambda x: x.sharding, ref_params)
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
   step_fn = update.make_train_step(step_lib.objective(bundle.graphdef, scfg), tx, mesh, state_sh, ref_sh, schedule,
                                    grad_accum=scfg.grad_accum, debug_nonfinite_step=config.train.debug_nonfinite_step,
                                    trainable_mask=mask)
@@ -271,12 +284,15 @@ def run(config, workdir: str) -> dict:
                                     seed=config.seed, shuffle=config.data.shuffle, host_rows=rows)
   eval_fn = None
   if eval_examples:
-    eval_step = update.make_eval_step(step_lib.objective(bundle.graphdef, scfg), mesh, bundle.param_shardings, ref_sh,
+    eval_step = update.make_eval_step(step_lib.objective(bundle.graphdef, scfg), mesh, param_sh, ref_sh,
                                       grad_accum=scfg.grad_accum)
 
     eval_fn = common.held_out_eval_fn(config, eval_step, eval_examples, collate, mesh, rows, ref_params)
 
+  degeneration_fn = common.degeneration_eval_fn(config, p.tok, bundle, p.degen_vision)
+  if disk is not None and degeneration_fn is not None:  # generation runs the per-layer model
+    degeneration_fn = lambda params, fn=degeneration_fn: fn(params.full())
   spec = train.LoopSpec(step_fn=step_fn, state=state, ref=ref_params, iterator=iterator, eval_fn=eval_fn, desc="dpo",
-                        degeneration_fn=common.degeneration_eval_fn(config, p.tok, bundle, p.degen_vision),
+                        degeneration_fn=degeneration_fn, disk=disk,
                         constants={"data/skipped_records": float(len(p.skips.entries))} if p.skips.enabled else {})
   return common.train_and_finish(config, workdir, mesh, spec, bundle)

@@ -28,12 +28,13 @@ ALWAYS_ALLOWED = frozenset({
     "train.device_memory_gb", "train.allow_changed", "train.tensorboard", "train.debug_nonfinite_step",
 })
 # Change what is logged, kept or evaluated, or how long the run goes on; the steps already taken stay valid.
-# (`train.remat` / `train.scan_layers` change memory and speed; the values agree with the plain loop to rounding.)
+# (`train.remat` / `train.scan_layers` / `train.stacked_params` change memory and speed; the values agree with the
+# plain loop to rounding; checkpoints hold the per-layer layout either way.)
 # (`num_steps` also stretches a decaying learning-rate schedule from the resumed step on.)
 SAFE_WITH_OVERRIDE = frozenset({
     "train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
     "train.max_to_keep", "train.degeneration_eval_every", "data.eval", "data.degeneration_eval",
-    "train.on_nonfinite", "train.remat", "train.scan_layers",
+    "train.on_nonfinite", "train.remat", "train.scan_layers", "train.stacked_params",
 })
 
 

@@ -39,6 +39,10 @@ def run(config, workdir: str) -> dict:
   Like the DPO job, it scores `data.eval` (mean NLL per token, every `train.eval_every` steps
   and at the end) and logs the degeneration rate on `data.degeneration_eval`.
   """
+  if config.train.get("stacked_params", "off") == "on":
+    # The stacked train state is built for the DPO job; "auto" keeps SFT's state per layer.
+    raise ConfigError("config.train.stacked_params='on': the stacked train state is built for the DPO job only; "
+                      "SFT keeps its state per layer (use 'auto' or 'off')")
   if config.train.device_memory_gb != 0:
     # The memory planner models the DPO step only; accepting a budget it never checks would mislead.
     raise ConfigError(f"config.train.device_memory_gb={config.train.device_memory_gb}: the memory plan is made for "

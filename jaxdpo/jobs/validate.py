@@ -19,6 +19,7 @@ ATTENTION = ("", "xla", "cudnn")
 MINE_CHOSEN = ("reference", "best_sample")
 MINE_REJECTED = ("degenerate", "worst_cer")
 ON_NONFINITE = ("stop", "skip")
+STACKED_PARAMS = ("auto", "on", "off")  # train.stacked_params
 
 
 def _one_of(config, key: str, allowed):
@@ -151,6 +152,11 @@ def _check_train(config):
     _one_of(config, "train.remat", remat.POLICIES)
   if _has(config, "train.on_nonfinite"):
     _one_of(config, "train.on_nonfinite", ON_NONFINITE)
+  if _has(config, "train.stacked_params"):
+    _one_of(config, "train.stacked_params", STACKED_PARAMS)
+    if t.stacked_params == "on" and not t.get("scan_layers", False):
+      raise ConfigError("config.train.stacked_params='on' needs config.train.scan_layers=True: the stacked layers "
+                        "are what the layer scan reads (use 'auto' or 'off')")
 
 
 def _check_generation(config):

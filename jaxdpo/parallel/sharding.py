@@ -120,7 +120,9 @@ def stacked(shardings: Sequence[NamedSharding]) -> NamedSharding:
   holds every layer's shard, as it did per layer."""
   first = shardings[0]
   if any(s != first for s in shardings[1:]):
-    raise ValueError(f"stacked layers have different shardings: {sorted({str(s.spec) for s in shardings})}")
+    raise ValueError(f"stacked layers have different shardings: {sorted({str(s) for s in shardings})}")
+  if not isinstance(first, NamedSharding):  # e.g. one device's arrays: no spec to extend
+    return first
   return NamedSharding(first.mesh, P(None, *first.spec))
 
 

@@ -42,6 +42,7 @@ class LoopSpec:
   constants: dict = dataclasses.field(default_factory=dict)  # added to every logged metrics row (e.g. the
                                                              # number of skipped bad records)
   outcome: dict = dataclasses.field(default_factory=dict)  # set by run_loop: step, reason, checkpoint
+  disk: object = None  # `stacked_state.DiskLayout` when the state is held stacked (checkpoints stay per layer)
 
 
 class PreemptionGuard:
@@ -118,9 +119,12 @@ def run_loop(config, workdir: str, mesh, spec: LoopSpec) -> dict:
                                        save_every=tcfg.ckpt_every)
   state = spec.state
   start = 0
-  latest, restored = checkpointer.restore_latest_complete(ckpt_lib.abstract_like(state))
+  disk = spec.disk
+  latest, restored = checkpointer.restore_latest_complete(disk.abstract if disk else ckpt_lib.abstract_like(state))
   if latest is not None:
     state, data_state = restored
+    if disk is not None:
+      state = disk.from_disk(state)
     if data_state is not None:
       spec.iterator.set_state(data_state)
     start = int(latest)
@@ -231,7 +235,8 @@ def _run_steps(config, mesh, spec: LoopSpec, run: _Progress, checkpointer, write
       os.kill(os.getpid(), signal.SIGTERM)  # test hook: a real SIGTERM, to the last process only
     preempted = guard.agreed()
     if checkpointer.should_save(step) or preempted or step == end:
-      checkpointer.save(step, run.state, spec.iterator.get_state(), force=True)
+      saved = spec.disk.to_disk(run.state) if spec.disk is not None else run.state
+      checkpointer.save(step, saved, spec.iterator.get_state(), force=True)
       run.saved = step
     if tcfg.straggler_factor > 0 and step > start + 2:  # the first steps include compilation
       _straggler_check(durations, time.perf_counter() - t0, step, tcfg.straggler_factor)
